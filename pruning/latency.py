@@ -1,0 +1,602 @@
+"""Latency benchmarks for original vs pruned models (paper Table 3 style).
+
+* CPU: onnxruntime ``CPUExecutionProvider`` on exported ONNX files (paper: batch 8; we add 1).
+  Original and pruned sessions are timed in the same process with interleaved runs, so the
+  speedup is a ratio from one run and slow drift (thermal, noisy neighbours) hits both alike.
+* GPU: PyTorch with ``torch.compile`` (eager kept as reference), CUDA-event timing and peak
+  memory, batch 256.  Without CUDA a :class:`Skipped` record is returned, never an exception.
+
+Plain Python: no Prefect imports (tasks/flows wrap these functions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime as _dt
+import gc
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+
+from pruning.export import (
+    ExportResult,
+    ExporterChoice,
+    export_onnx,
+    model_size_mb,
+    params_millions,
+)
+
+# --------------------------------------------------------------------------- records
+
+
+class Skipped(BaseModel):
+    """A benchmark that was not run, and why."""
+
+    skipped: Literal[True] = True
+    reason: str
+
+
+class LatencyStats(BaseModel):
+    """Timing summary of one (model, backend, batch size) benchmark; times in milliseconds."""
+
+    backend: str = Field(description="'onnxruntime-cpu' or 'torch-cuda' / 'torch-cpu'")
+    mode: str = Field(description="'ort' | 'compile' | 'eager' (eager also when compile failed)")
+    batch_size: int
+    threads: int | None = Field(None, description="ORT intra-op threads (CPU) / torch threads")
+    warmup: int
+    runs: int
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    min_ms: float
+    max_ms: float
+    throughput_ips: float = Field(description="images/s at the median latency")
+    device: str = Field(description="CPU model or GPU name")
+    peak_memory_mb: float | None = Field(None, description="torch.cuda.max_memory_allocated / 2**20 (GPU only)")
+    note: str | None = Field(None, description="e.g. why torch.compile was not used")
+    reference: LatencyStats | None = Field(None, description="eager numbers when mode == 'compile'")
+
+
+def _stats(times_ms: Sequence[float], **kw: Any) -> LatencyStats:
+    a = np.asarray(times_ms, dtype=np.float64)
+    med = float(np.median(a))
+    return LatencyStats(
+        runs=len(a),
+        median_ms=med,
+        p90_ms=float(np.percentile(a, 90)),
+        mean_ms=float(a.mean()),
+        std_ms=float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        min_ms=float(a.min()),
+        max_ms=float(a.max()),
+        throughput_ips=kw["batch_size"] / med * 1e3 if med > 0 else float("inf"),
+        **kw,
+    )
+
+
+# --------------------------------------------------------------------------- device info
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (affinity-aware; falls back to ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """CPU model string from /proc/cpuinfo, else from :mod:`platform`."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def gpu_name() -> str | None:
+    """Name of CUDA device 0, or ``None`` when CUDA is not available."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# --------------------------------------------------------------------------- ORT CPU
+
+
+def make_ort_session(onnx_path: str | os.PathLike, threads: int | None = None):
+    """onnxruntime CPU session with all graph optimisations and ``threads`` intra-op threads."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = int(threads or available_cpus())
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _ort_feed(sess, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    inp = sess.get_inputs()[0]
+    dims = list(inp.shape)
+    rest = dims[1:]
+    if not all(isinstance(d, int) and d > 0 for d in rest):
+        raise ValueError(f"{inp.name}: non-batch dims must be static, got {dims}")
+    if isinstance(dims[0], int) and dims[0] != batch_size:
+        raise ValueError(f"{inp.name} has a fixed batch of {dims[0]}; cannot run batch {batch_size}")
+    x = np.random.default_rng(seed).standard_normal((batch_size, *rest)).astype(np.float32)
+    return {inp.name: x}
+
+
+def _time_ort(sess, feed) -> float:
+    t0 = time.perf_counter()
+    sess.run(None, feed)
+    return (time.perf_counter() - t0) * 1e3
+
+
+def benchmark_ort_cpu(
+    onnx_path: str | os.PathLike,
+    batch_size: int,
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Latency of one ONNX model on onnxruntime CPU at ``batch_size`` (wall clock per ``run``)."""
+    threads = int(threads or available_cpus())
+    sess = make_ort_session(onnx_path, threads)
+    feed = _ort_feed(sess, batch_size)
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times = [_time_ort(sess, feed) for _ in range(runs)]
+    return _stats(times, backend="onnxruntime-cpu", mode="ort", batch_size=batch_size, threads=threads,
+                  warmup=warmup, device=cpu_name())
+
+
+class CpuSpeedup(BaseModel):
+    """Original vs pruned ORT CPU latency at one batch size, measured side by side."""
+
+    batch_size: int
+    original: LatencyStats
+    pruned: LatencyStats
+    speedup: float = Field(description="original.median_ms / pruned.median_ms")
+    speedup_p90: float = Field(description="original.p90_ms / pruned.p90_ms")
+
+
+class CpuComparison(BaseModel):
+    """Result of :func:`compare_cpu` / :func:`compare_cpu_onnx`."""
+
+    threads: int
+    device: str
+    interleaved: bool
+    results: list[CpuSpeedup]
+    exports: dict[str, ExportResult] = Field(default_factory=dict)
+    seconds: float = Field(0.0, description="wall time of the timing (plus export, for compare_cpu)")
+
+    def by_batch(self, batch_size: int) -> CpuSpeedup:
+        """The comparison at ``batch_size``."""
+        for r in self.results:
+            if r.batch_size == batch_size:
+                return r
+        raise KeyError(batch_size)
+
+
+def compare_cpu_onnx(
+    original_onnx: str | os.PathLike,
+    pruned_onnx: str | os.PathLike,
+    batch_sizes: Sequence[int] = (8, 1),
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = None,
+    interleave: bool = True,
+) -> CpuComparison:
+    """Time two ONNX files in one process; with ``interleave`` runs alternate A,B,B,A,..."""
+    t_start = time.perf_counter()
+    threads = int(threads or available_cpus())
+    device = cpu_name()
+    sa = make_ort_session(original_onnx, threads)
+    sb = make_ort_session(pruned_onnx, threads)
+    results = []
+    for bs in batch_sizes:
+        fa, fb = _ort_feed(sa, bs), _ort_feed(sb, bs)
+        for _ in range(warmup):
+            sa.run(None, fa)
+            sb.run(None, fb)
+        ta: list[float] = []
+        tb: list[float] = []
+        if interleave:
+            for i in range(runs):
+                if i % 2 == 0:
+                    ta.append(_time_ort(sa, fa))
+                    tb.append(_time_ort(sb, fb))
+                else:
+                    tb.append(_time_ort(sb, fb))
+                    ta.append(_time_ort(sa, fa))
+        else:
+            ta = [_time_ort(sa, fa) for _ in range(runs)]
+            tb = [_time_ort(sb, fb) for _ in range(runs)]
+        kw = dict(backend="onnxruntime-cpu", mode="ort", batch_size=bs, threads=threads, warmup=warmup, device=device)
+        a, b = _stats(ta, **kw), _stats(tb, **kw)
+        results.append(CpuSpeedup(batch_size=bs, original=a, pruned=b, speedup=a.median_ms / b.median_ms,
+                                  speedup_p90=a.p90_ms / b.p90_ms))
+    return CpuComparison(threads=threads, device=device, interleaved=interleave, results=results,
+                         seconds=time.perf_counter() - t_start)
+
+
+def compare_cpu(
+    original_model: torch.nn.Module,
+    pruned_model: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    batch_sizes: Sequence[int] = (8, 1),
+    warmup: int = 5,
+    runs: int = 30,
+    threads: int | None = None,
+    opset: int = 17,
+    exporter: ExporterChoice = "auto",
+    work_dir: str | os.PathLike | None = None,
+    interleave: bool = True,
+) -> CpuComparison:
+    """Export both models to ONNX (into ``work_dir`` or a temp dir) and run :func:`compare_cpu_onnx`."""
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="latency_"))
+        work = Path(work_dir)
+        ea = export_onnx(original_model, input_size, work / "original.onnx", opset=opset, exporter=exporter)
+        eb = export_onnx(pruned_model, input_size, work / "pruned.onnx", opset=opset, exporter=exporter)
+        cmp = compare_cpu_onnx(ea.path, eb.path, batch_sizes, warmup, runs, threads, interleave)
+    cmp.exports = {"original": ea, "pruned": eb}
+    cmp.seconds = time.perf_counter() - t_start
+    return cmp
+
+
+# --------------------------------------------------------------------------- torch GPU
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_torch(fn, x, warmup: int, runs: int, device: torch.device) -> tuple[list[float], float | None]:
+    """Per-iteration latencies (ms) and peak CUDA memory (MiB) of ``fn(x)`` under no_grad."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn(x)
+        _sync(device)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+            ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
+            for s, e in zip(starts, ends):
+                s.record()
+                fn(x)
+                e.record()
+            torch.cuda.synchronize(device)
+            times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            times = []
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                fn(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    return times, peak
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    line = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    text = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _benchmark_torch(
+    model: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    batch_size: int,
+    compile: bool,
+    amp: bool,
+    warmup: int,
+    runs: int,
+    device: str | torch.device,
+) -> LatencyStats:
+    """Eager and (optionally) compiled timing on ``device``; compile failure falls back to eager."""
+    device = torch.device(device)
+    is_cuda = device.type == "cuda"
+    name = (torch.cuda.get_device_name(device) if is_cuda else cpu_name())
+    m = copy.deepcopy(model).eval().to(device)
+    x = torch.randn(batch_size, *input_size, device=device)
+    amp_dtype = torch.float16 if is_cuda else torch.bfloat16
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp else contextlib.nullcontext
+
+    def eager(inp):
+        with autocast():
+            return m(inp)
+
+    kw = dict(backend=f"torch-{device.type}", batch_size=batch_size, warmup=warmup, device=name,
+              threads=None if is_cuda else torch.get_num_threads())
+    compiled = None
+    try:
+        t_eager, peak_eager = _time_torch(eager, x, warmup, runs, device)
+        eager_stats = _stats(t_eager, mode="eager", peak_memory_mb=peak_eager,
+                             note="amp fp16" if amp and is_cuda else ("amp bf16" if amp else None), **kw)
+        if not compile:
+            return eager_stats
+        try:
+            compiled = torch.compile(m)
+
+            def comp(inp):
+                with autocast():
+                    return compiled(inp)
+
+            # compilation is lazy: the first warm-up call compiles (and may fail)
+            t_comp, peak_comp = _time_torch(comp, x, max(warmup, 1), runs, device)
+        except Exception as exc:  # noqa: BLE001 - any compile/runtime failure -> eager numbers
+            reason = _one_line(exc)
+            return eager_stats.model_copy(update={"note": f"torch.compile failed ({reason}); eager numbers"})
+        return _stats(t_comp, mode="compile", peak_memory_mb=peak_comp, reference=eager_stats,
+                      note=eager_stats.note, **kw)
+    finally:
+        del m, x, compiled
+        gc.collect()
+        if is_cuda:
+            torch.cuda.empty_cache()
+        with contextlib.suppress(Exception):
+            torch._dynamo.reset()
+
+
+def benchmark_torch_gpu(
+    model: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    batch_size: int = 256,
+    compile: bool = True,
+    amp: bool = False,
+    warmup: int = 10,
+    runs: int = 50,
+    device: str = "cuda",
+) -> LatencyStats | Skipped:
+    """GPU latency (CUDA events) and peak memory at ``batch_size``; never raises.
+
+    Returns compiled numbers (``mode='compile'``, eager in ``reference``) or eager numbers
+    with a ``note`` when ``torch.compile`` fails; :class:`Skipped` without CUDA or on error
+    (e.g. out of memory).
+    """
+    if not torch.cuda.is_available():
+        return Skipped(
+            reason=f"CUDA not available: torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+            f"device count {torch.cuda.device_count()}"
+        )
+    try:
+        return _benchmark_torch(model, input_size, batch_size, compile, amp, warmup, runs, device)
+    except Exception as exc:  # noqa: BLE001
+        return Skipped(reason=f"GPU benchmark failed: {_one_line(exc)}")
+
+
+# --------------------------------------------------------------------------- report
+
+
+class LatencyConfig(BaseModel):
+    """Settings for :func:`latency_report` / :func:`run_latency_benchmark`."""
+
+    cpu_batch_sizes: tuple[int, ...] = Field(
+        (8, 1), description="Paper Table 3 reports CPU latency at batch 8; batch 1 is the online/edge case.")
+    warmup: int = Field(5, ge=0, description="ORT warm-up runs per model and batch (thread pool, allocator, caches).")
+    runs: int = Field(30, ge=1, description="Timed ORT runs per model and batch; >= 30 keeps median/p90 stable.")
+    threads: int | None = Field(
+        None, ge=1, description="ORT intra-op threads; None = all CPUs available to this process.")
+    interleave: bool = Field(
+        True, description="Alternate original/pruned runs (ABBA) so drift affects both; speedup from one run.")
+    opset: int = Field(17, description="ONNX opset for the TorchScript exporter (dynamo exporter emits >= 18).")
+    exporter: ExporterChoice = Field(
+        "auto", description="'auto' = TorchScript exporter, dynamo exporter as fallback.")
+    atol: float = Field(1e-3, description="Max |torch - onnxruntime| accepted at export.")
+    rtol: float = Field(1e-4, description="Extra tolerance relative to the output scale (random-weight logits can be large).")
+    run_gpu: bool = Field(True, description="Run the GPU benchmark when CUDA is present (skipped otherwise).")
+    gpu_batch_size: int = Field(256, ge=1, description="Paper Table 3 reports GPU latency at batch 256.")
+    gpu_warmup: int = Field(10, ge=0, description="GPU warm-up iterations (compilation happens in the first).")
+    gpu_runs: int = Field(50, ge=1, description="Timed GPU iterations (CUDA events).")
+    amp: bool = Field(False, description="fp16 autocast on GPU; off = fp32 like the parameter/size columns.")
+    compile: bool = Field(True, description="torch.compile for GPU timing (eager kept as reference / fallback).")
+
+
+class CpuCell(BaseModel):
+    """CPU latency of one model at one batch size, with its speedup vs the original."""
+
+    batch_size: int
+    median_ms: float
+    p90_ms: float
+    speedup: float
+
+
+class LatencyRow(BaseModel):
+    """One Table-3 row (original or pruned)."""
+
+    model: str
+    params_m: float
+    size_mb: float
+    macs_g: float
+    peak_gpu_mem_mb: float | None = None
+    gpu_batch_size: int | None = None
+    gpu_latency_ms: float | None = None
+    gpu_speedup: float | None = None
+    gpu_mode: str | None = Field(None, description="'compile' | 'eager' | 'skipped'")
+    cpu: list[CpuCell] = Field(default_factory=list)
+    cpu_threads: int
+    cpu_device: str
+    gpu_device: str | None = None
+
+
+class LatencyReport(BaseModel):
+    """Original vs pruned latency report; see :meth:`to_dataframe` / :meth:`to_markdown`."""
+
+    rows: list[LatencyRow]
+    input_size: tuple[int, int, int]
+    config: LatencyConfig
+    cpu: CpuComparison
+    gpu: dict[str, LatencyStats | Skipped] = Field(default_factory=dict)
+    exporter: str
+    export_seconds: dict[str, float] = Field(default_factory=dict)
+    seconds: float = Field(description="total wall time of the report")
+    created_at: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat())
+
+    def to_dataframe(self):
+        """Flat pandas DataFrame, one row per model."""
+        import pandas as pd
+
+        recs = []
+        for r in self.rows:
+            d = r.model_dump(exclude={"cpu"})
+            for c in r.cpu:
+                d[f"cpu_bs{c.batch_size}_median_ms"] = c.median_ms
+                d[f"cpu_bs{c.batch_size}_p90_ms"] = c.p90_ms
+                d[f"cpu_bs{c.batch_size}_speedup"] = c.speedup
+            recs.append(d)
+        order = ["model", "params_m", "size_mb", "macs_g", "peak_gpu_mem_mb", "gpu_batch_size",
+                 "gpu_latency_ms", "gpu_speedup", "gpu_mode"]
+        cpu_cols = [k for k in recs[0] if k.startswith("cpu_bs")] if recs else []
+        tail = ["cpu_threads", "cpu_device", "gpu_device"]
+        return pd.DataFrame(recs, columns=order + cpu_cols + tail)
+
+    def to_csv(self, path: str | os.PathLike) -> Path:
+        """Write :meth:`to_dataframe` as CSV; returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.to_dataframe().to_csv(path, index=False)
+        return path
+
+    def to_markdown(self, digits: int = 2) -> str:
+        """GitHub markdown table in the paper's layout (written by hand; no tabulate)."""
+        heads = ["Model", "Params (M)", "Size (MB)", "MACs (G)", "Peak GPU mem (MB)",
+                 f"GPU lat bs{self.config.gpu_batch_size} (ms)", "GPU speedup"]
+        for bs in self.config.cpu_batch_sizes:
+            heads += [f"CPU bs{bs} median (ms)", f"CPU bs{bs} p90 (ms)", f"CPU bs{bs} speedup"]
+
+        def f(v, suffix=""):
+            return "n/a" if v is None else f"{v:.{digits}f}{suffix}"
+
+        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
+        for r in self.rows:
+            cells = [r.model, f(r.params_m), f(r.size_mb), f"{r.macs_g:.3f}", f(r.peak_gpu_mem_mb),
+                     f(r.gpu_latency_ms), f(r.gpu_speedup, "x")]
+            by_bs = {c.batch_size: c for c in r.cpu}
+            for bs in self.config.cpu_batch_sizes:
+                c = by_bs.get(bs)
+                cells += [f(c and c.median_ms), f(c and c.p90_ms), f(c and c.speedup, "x")]
+            lines.append("| " + " | ".join(cells) + " |")
+        r0 = self.rows[0]
+        gpu = self.gpu.get(r0.model)
+        gpu_txt = (f"GPU: {r0.gpu_device} ({r0.gpu_mode})" if r0.gpu_device and not isinstance(gpu, Skipped)
+                   else f"GPU: n/a ({gpu.reason})" if isinstance(gpu, Skipped) else "GPU: not run")
+        lines += ["", f"CPU: {r0.cpu_device}, onnxruntime {r0.cpu_threads} threads, "
+                  f"{self.config.runs} runs{' interleaved' if self.cpu.interleaved else ''}, exporter {self.exporter}. "
+                  f"{gpu_txt}. Input {tuple(self.input_size)}."]
+        return "\n".join(lines) + "\n"
+
+
+def count_macs(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
+    """MACs (G) at batch 1 via ``torch_pruning.utils.count_ops_and_params``."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        dev = next(iter(model.parameters()), torch.empty(0)).device
+        with torch.no_grad():
+            macs, _ = tp.utils.count_ops_and_params(model, torch.randn(1, *input_size, device=dev))
+    finally:
+        model.train(was_training)
+    return float(macs) / 1e9
+
+
+def latency_report(
+    original: torch.nn.Module,
+    pruned: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    config: LatencyConfig | None = None,
+    work_dir: str | os.PathLike | None = None,
+    names: tuple[str, str] = ("original", "pruned"),
+) -> LatencyReport:
+    """Measure params/size/MACs, ORT CPU latency (side by side) and GPU latency for both models."""
+    cfg = config or LatencyConfig()
+    input_size = tuple(int(s) for s in input_size)
+    t_start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        if work_dir is None:
+            work_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="latency_"))
+        work = Path(work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        exp = {
+            nm: export_onnx(m, input_size, work / f"{nm}.onnx", opset=cfg.opset, atol=cfg.atol, rtol=cfg.rtol,
+                            exporter=cfg.exporter)
+            for nm, m in zip(names, (original, pruned))
+        }
+        cpu = compare_cpu_onnx(exp[names[0]].path, exp[names[1]].path, cfg.cpu_batch_sizes, cfg.warmup,
+                               cfg.runs, cfg.threads, cfg.interleave)
+        cpu.exports = exp
+
+    gpu: dict[str, LatencyStats | Skipped] = {}
+    for nm, m in zip(names, (original, pruned)):
+        if not cfg.run_gpu:
+            gpu[nm] = Skipped(reason="GPU benchmark disabled (config.run_gpu=False)")
+        else:
+            gpu[nm] = benchmark_torch_gpu(m, input_size, cfg.gpu_batch_size, cfg.compile, cfg.amp,
+                                          cfg.gpu_warmup, cfg.gpu_runs)
+    g0 = gpu[names[0]]
+    rows = []
+    for i, (nm, m) in enumerate(zip(names, (original, pruned))):
+        g = gpu[nm]
+        if isinstance(g, LatencyStats) and isinstance(g0, LatencyStats):
+            g_lat, g_mem, g_mode = g.median_ms, g.peak_memory_mb, g.mode
+            g_speed = g0.median_ms / g.median_ms
+        else:
+            g_lat = g_mem = g_speed = None
+            g_mode = "skipped"
+        cells = []
+        for c in cpu.results:
+            st = c.original if i == 0 else c.pruned
+            cells.append(CpuCell(batch_size=c.batch_size, median_ms=st.median_ms, p90_ms=st.p90_ms,
+                                 speedup=1.0 if i == 0 else c.speedup))
+        rows.append(LatencyRow(
+            model=nm, params_m=params_millions(m), size_mb=model_size_mb(m), macs_g=count_macs(m, input_size),
+            peak_gpu_mem_mb=g_mem, gpu_batch_size=cfg.gpu_batch_size, gpu_latency_ms=g_lat, gpu_speedup=g_speed,
+            gpu_mode=g_mode, cpu=cells, cpu_threads=cpu.threads, cpu_device=cpu.device, gpu_device=gpu_name(),
+        ))
+    return LatencyReport(
+        rows=rows, input_size=input_size, config=cfg, cpu=cpu, gpu=gpu,
+        exporter="/".join(sorted({e.exporter for e in exp.values()})),
+        export_seconds={nm: e.seconds for nm, e in exp.items()},
+        seconds=time.perf_counter() - t_start,
+    )
+
+
+def run_latency_benchmark(
+    original: torch.nn.Module,
+    pruned: torch.nn.Module,
+    input_size: tuple[int, int, int],
+    out_dir: str | os.PathLike,
+    config: LatencyConfig | None = None,
+) -> LatencyReport:
+    """:func:`latency_report` writing ``original.onnx``, ``pruned.onnx``, ``latency.csv``,
+    ``latency.md`` and ``latency.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = latency_report(original, pruned, input_size, config, work_dir=out)
+    report.to_csv(out / "latency.csv")
+    (out / "latency.md").write_text(report.to_markdown(), encoding="utf-8")
+    (out / "latency.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
+    return report
