@@ -11,6 +11,7 @@ inspected or vetoed before it is pruned.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 import types
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ class GroupInfo:
     importance: torch.Tensor  # per unit, len == channels
     head_importance: torch.Tensor | None = None  # per head, attention groups only
     members: list[tuple[str, bool, int]] = field(default_factory=list)  # (module, is_out, full length)
+    attention: str | None = None  # name of the timm attention module whose heads this group holds
 
     @property
     def is_attention(self) -> bool:
@@ -84,6 +86,11 @@ class _PlannedPruner(tp.pruner.MetaPruner):
                 yield group
 
 
+def natural_key(name: str) -> list:
+    """Sort key that puts blocks.2 before blocks.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def _stage_names(model: nn.Module) -> list[str]:
     info = getattr(model, "feature_info", None)
     names = []
@@ -107,10 +114,12 @@ def _attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
     return {m.qkv: m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
 
 
-def update_attention_attributes(model: nn.Module) -> None:
-    """After pruning, make timm attention bookkeeping match the pruned qkv width."""
-    for m in model.modules():
+def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | None = None) -> None:
+    """After pruning, make timm attention bookkeeping (num_heads, head_dim, attn_dim, scale) match the qkv width."""
+    for name, m in model.named_modules():
         if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            if num_heads and name in num_heads:
+                m.num_heads = num_heads[name]
             attn_dim = m.qkv.out_features // 3
             if attn_dim % m.num_heads:
                 raise PruningError(f"attention width {attn_dim} is not divisible by {m.num_heads} heads")
@@ -335,7 +344,7 @@ class PruningSpace:
         self.groups = self._collect_groups(model)
         if not self.groups:
             raise PruningError(f"{type(model).__name__} has no prunable channel groups")
-        self.stages = sorted({g.stage for g in self.groups})
+        self.stages = sorted({g.stage for g in self.groups}, key=natural_key)
         self.mac_model = MacModel(model, example, self.groups)
         self.base_macs = self.mac_model.base_macs
 
@@ -380,11 +389,13 @@ class PruningSpace:
                 tag = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
                 scope += f"|{type(dep.source.module).__name__}_{tag}>{type(dep.target.module).__name__}_{tag}"
             root = names[root_mod]
+            attn_of_qkv = _attention_modules(model)
+            attention = names[attn_of_qkv[qkv_layers[0]]] if is_attn and qkv_layers[0] in attn_of_qkv else None
             out.append(GroupInfo(
                 index=len(out), root=root, root_is_out=root_is_out,
                 kind=self._kind(root, members, is_attn, modules=dict(model.named_modules())),
                 stage=_stage_of(root, stages), scope=scope, channels=len(dim_imp), ch_groups=ch_groups,
-                importance=dim_imp, head_importance=head_imp, members=members,
+                importance=dim_imp, head_importance=head_imp, members=members, attention=attention,
             ))
         return out
 
@@ -506,10 +517,19 @@ class PruningSpace:
                 continue
             group.prune()
         self._applied = True
+        modules = dict(self.model.named_modules())
+        for i, cut in allocation.items():
+            g = self.groups[i]
+            if cut.heads and g.attention:
+                modules[g.attention].num_heads = g.ch_groups - cut.heads
         update_attention_attributes(self.model)
         for p in self.model.parameters():
             p.grad = None
         return self.model
+
+    def attention_heads(self) -> dict[str, int]:
+        """Current ``num_heads`` of every attention module (needed to rebuild head-pruned models)."""
+        return {n: int(m.num_heads) for n, m in self.model.named_modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
 
     def pruning_history(self) -> list:
         """Torch-Pruning's record of what was cut (module name, out/in, indices): enough to rebuild the shapes."""

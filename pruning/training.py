@@ -81,11 +81,12 @@ PAPER_HPARAMS: dict[str, dict[str, Any]] = {
     "vit": {"optimizer": "adamw", "lr": 1e-4, "lr_heavy": 5e-5, "weight_decay": 0.01},
 }
 
-# Constant SGD LR that recovers the from-scratch digits ResNet-18 pruned to ~50 % MACs to
-# within 2 points of its unpruned accuracy in 1-2 epochs (the paper's 0.01 / 0.0005 are
-# tuned for ImageNet-pretrained weights and recover more slowly here). Measured; see the
-# pruning README / report.
-DIGITS_RECOVERY_LR = 0.05
+# Constant SGD LR measured to recover the from-scratch digits ResNet-18 pruned to 50 % MACs
+# (magnitude, global) to within 2 points of its unpruned test accuracy (99.6 %) in 3 epochs
+# (2 with ``bn_recalibration=True``), reaching ~99 % after 5. The paper's 0.0005 for heavily
+# pruned CNNs is tuned for ImageNet-pretrained weights and stays ~5 points short after 5
+# epochs here; 0.01 behaves almost like 0.02, 0.05 overshoots.
+DIGITS_RECOVERY_LR = 0.02
 
 
 # =========================================================================== utilities
@@ -480,9 +481,16 @@ class _TrainConfigBase(BaseModel):
 
 
 class FinetuneConfig(_TrainConfigBase):
-    """Inline fine-tuning between pruning steps (paper Table 7); constant LR."""
+    """Inline fine-tuning between pruning steps (paper Table 7); constant LR.
+
+    Defaults are the paper's; for the from-scratch digits model use
+    ``lr=DIGITS_RECOVERY_LR`` (and optionally ``bn_recalibration=True``).
+    """
 
     epochs: int = Field(5, ge=0, description="paper: 5; 1-3 is enough between agent iterations")
+    bn_recalibration: bool = Field(
+        False, description="re-estimate BatchNorm stats on bundle.calib first (not in the paper; "
+        "speeds up recovery of pruned CNNs)")
 
 
 class ExtendedConfig(_TrainConfigBase):
@@ -656,9 +664,11 @@ def finetune(
     model.to(dev)
     hp = cfg.resolve_hparams(model)
     torch.manual_seed(cfg.seed)
+    t_all = time.perf_counter()
+    if cfg.bn_recalibration:
+        recalibrate_batchnorm(model, bundle.calib, device=dev)
     optimizer = _build_optimizer(model, hp, cfg)
     records: list[EpochRecord] = []
-    t_all = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loader = _epoch_loader(bundle, cfg.batch_size, cfg.seed, epoch)

@@ -1,0 +1,246 @@
+"""The ``agentic-pruner`` command line.
+
+User mistakes (unknown model, impossible target, malformed numbers, unreachable storage) end with a
+one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _kv_floats(items: list[str] | None, flag: str) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise CliError(f"{flag} expects NAME=NUMBER, got '{item}'")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# shared option groups
+# ----------------------------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="timm model name, e.g. resnet50, convnext_small, deit_tiny_patch16_224")
+    p.add_argument("--checkpoint", type=Path, help="state dict to load (read with weights_only=True)")
+    p.add_argument("--num-classes", type=int, help="classifier width (default: the architecture's)")
+    p.add_argument("--pretrained", action="store_true", help="download hub weights (needs internet)")
+    p.add_argument("--input-size", type=int, help="square input resolution (default: the model's config)")
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--importance", default="l2", choices=["l1", "l2", "random", "taylor"],
+                   help="channel importance (taylor needs calibration data)")
+    p.add_argument("--allocation", default="global", choices=["global", "uniform"])
+    p.add_argument("--round-to", type=int, default=8, help="kept channels are multiples of this")
+    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="no group loses more than this fraction")
+    p.add_argument("--stage-mult", action="append", metavar="STAGE=X", help="per-stage multiplier (repeatable)")
+    p.add_argument("--kind-mult", action="append", metavar="KIND=X",
+                   help="per-kind multiplier: internal, residual, mlp, qkv, head, proj (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_band_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--target-macs", required=required, help="MAC budget per image, e.g. 2.06G or 500M")
+    p.add_argument("--overshoot", type=float, default=5.0, help="allowed %% above target (default 5)")
+    p.add_argument("--undershoot", type=float, default=15.0, help="allowed %% below target (default 15)")
+
+
+def _model_spec(args):
+    from pruning.models import ModelSpec
+
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise CliError(f"checkpoint not found: {args.checkpoint}")
+    return ModelSpec(name=args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
+                     pretrained=args.pretrained, input_size=args.input_size)
+
+
+def _load(args):
+    from pruning.models import default_input_size, load_model
+    from pruning.space import example_input
+
+    spec = _model_spec(args)
+    _log(f"loading {spec.name}" + (f" from {spec.checkpoint}" if spec.checkpoint else " (random init)" if not spec.pretrained else " (pretrained)"))
+    model = load_model(spec)
+    size = args.input_size or default_input_size(model)
+    return spec, model, size, example_input(size)
+
+
+def _plan(args):
+    from pruning.plan import PruningPlan
+
+    return PruningPlan(importance=args.importance, allocation=args.allocation, round_to=args.round_to,
+                       max_layer_ratio=args.max_layer_ratio,
+                       stage_multipliers=_kv_floats(args.stage_mult, "--stage-mult"),
+                       kind_multipliers=_kv_floats(args.kind_mult, "--kind-mult"))
+
+
+def _band(args):
+    from pruning.solver import MacBand
+
+    from .units import parse_macs
+
+    return MacBand(target_macs=parse_macs(args.target_macs), overshoot_pct=args.overshoot,
+                   undershoot_pct=args.undershoot)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+# ----------------------------------------------------------------------------------------------
+def cmd_profile(args) -> int:
+    from pruning.plan import PruningPlan
+    from pruning.profile import profile_model
+    from pruning.space import PruningSpace
+
+    spec, model, size, example = _load(args)
+    space = PruningSpace.build(model, example, PruningPlan())
+    prof = profile_model(model, example, name=spec.name, space=space)
+    if args.json:
+        print(prof.model_dump_json(indent=2))
+    else:
+        print(prof.summary(top=args.top))
+        print(f"stages available for --stage-mult: {', '.join(space.stages)}")
+    if args.csv_dir:
+        args.csv_dir.mkdir(parents=True, exist_ok=True)
+        for name, frame in prof.frames().items():
+            frame.to_csv(args.csv_dir / f"{name}.csv", index=False)
+        _log(f"tables written to {args.csv_dir}/{{layers,stages,groups}}.csv")
+    return 0
+
+
+def cmd_solve(args) -> int:
+    from pruning.checkpoint import make_bundle, save_bundle
+    from pruning.engine import prune_to_target
+
+    from .units import fmt_macs
+
+    band = _band(args)
+    plan = _plan(args)
+    if plan.importance == "taylor":
+        raise CliError("taylor importance needs calibration data; use 'agentic-pruner run --data ...' or pick l1/l2")
+    spec, model, size, example = _load(args)
+    t0 = time.perf_counter()
+    _log(f"solving for {fmt_macs(band.target_macs)} MACs (+{band.overshoot_pct}% / -{band.undershoot_pct}%)")
+    pruned, result, space = prune_to_target(model, example, plan, band, seed=args.seed)
+    seconds = time.perf_counter() - t0
+    out = {
+        "model": spec.name, "input_size": size, "base_macs": result.base_macs, "target_macs": band.target_macs,
+        "predicted_macs": result.predicted_macs, "achieved_macs": result.achieved_macs,
+        "error_pct": round(result.error_pct, 4), "in_band": result.in_band,
+        "band": [band.lower, band.upper], "base_params": result.base_params, "params": result.params,
+        "ratio": round(result.ratio, 6), "probes": result.probes, "real_prunes": result.real_prunes,
+        "prediction_exact": result.prediction_exact, "granularity_pct": round(result.granularity_pct, 4),
+        "seconds": round(seconds, 3), "timings": {k: round(v, 3) for k, v in result.seconds.items()},
+    }
+    if args.save:
+        bundle = make_bundle(pruned, spec, result.plan, space.pruning_history(), size,
+                             metrics={k: out[k] for k in ("achieved_macs", "params", "error_pct")},
+                             attention_heads=space.attention_heads())
+        save_bundle(bundle, args.save)
+        out["saved"] = str(args.save)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{spec.name}: {fmt_macs(result.base_macs)} -> {fmt_macs(result.achieved_macs)} MACs "
+              f"(target {fmt_macs(band.target_macs)}, error {result.error_pct:+.3f}%, "
+              f"{'in band' if result.in_band else 'OUT OF BAND'}), params {result.base_params / 1e6:.2f} M -> "
+              f"{result.params / 1e6:.2f} M, {result.probes} analytic probes + 1 real prune, {seconds:.2f} s")
+        if args.save:
+            print(f"pruned model saved to {args.save}")
+    return 0 if result.in_band else 1
+
+
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentic-pruner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="MACs/params per layer, stage and prunable group")
+    _add_model_args(p)
+    p.add_argument("--top", type=int, default=10, help="layers to list")
+    p.add_argument("--json", action="store_true", help="print the full profile as JSON")
+    p.add_argument("--csv-dir", type=Path, help="also write layers/stages/groups CSV tables here")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("solve", help="prune a model onto a MAC budget in one shot")
+    _add_model_args(p)
+    _add_band_args(p)
+    _add_plan_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--save", type=Path, help="write the pruned-model bundle here")
+    p.set_defaults(func=cmd_solve)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Later modules (search, flows, latency) append ``register(subparsers)`` functions here.
+_EXTRA_COMMANDS: list = []
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from pydantic import ValidationError
+
+    from pruning.models import ModelLoadError
+    from pruning.space import PruningError
+
+    errors: list[type[BaseException]] = [CliError, ModelLoadError, PruningError, ValidationError, ValueError,
+                                         FileNotFoundError, PermissionError]
+    try:
+        from pruning.store import StoreError
+
+        errors.append(StoreError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        loc = ".".join(str(x) for x in err.get("loc", ()))
+        return f"invalid {loc or 'value'}: {err.get('msg')}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        _log("interrupted")
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()) and not os.environ.get("AGENTIC_PRUNER_DEBUG"):
+            _log(f"error: {_one_line(exc)}")
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
