@@ -1,0 +1,137 @@
+"""MAC targeting: our one-shot solver vs plain Torch-Pruning bisection, on the paper's seven cases.
+
+For each case (224x224, random weights: MAC counts do not depend on weight values):
+- ours: build the pruning space, solve analytically, cut once, count once (what `agentic-pruner solve` does);
+- bar: plain Torch-Pruning (MetaPruner, global + isomorphic, round_to 8) with a bisection on its one
+  ``pruning_ratio``; every probe deep-copies, prunes and counts. Its mean probe time is "one prune+count".
+
+Writes benchmarks/results/mac_targeting.csv and the table between the markers in benchmarks/README.md.
+Usage: python benchmarks/mac_targeting.py [--cases N] [--max-bar-probes 20]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from pathlib import Path
+
+import pandas as pd
+import timm
+import torch
+import torch_pruning as tp
+
+from pruning.engine import prune_to_target
+from pruning.models import classifier
+from pruning.plan import PruningPlan
+from pruning.solver import MacBand
+from pruning.space import example_input
+
+warnings.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parent
+
+# (model, target G, overshoot %, undershoot %, paper first-valid revision, paper final MAC error %)
+CASES = [
+    ("resnet50", 2.06, 5.0, 15.0, "9", "-14.1"),
+    ("resnet101", 4.48, 0.1, 20.0, "7", "-5.8"),
+    ("convnext_base", 8.48, 0.1, 11.56, "44", "-3.7"),
+    ("deit_tiny_patch16_224", 0.62, 1.0, 20.0, "2", "-1.6"),
+    ("resnet50", 1.03, 1.0, 15.0, "9", "2.01"),
+    ("convnext_base", 1.12, 1.0, 15.0, "failed (30)", "—"),
+    ("deit_tiny_patch16_224", 0.32, 1.0, 15.0, "8", "26.49"),
+]
+
+
+def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
+    """The bar: bisection on MetaPruner's single pruning_ratio, re-pruning and counting every probe."""
+    num_heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
+    lo, hi = 0.0, 0.95
+    first_in_band, best, times = None, None, []
+    for probe in range(1, max_probes + 1):
+        ratio = (lo + hi) / 2
+        t = time.perf_counter()
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                      pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
+                                      ignored_layers=[classifier(m)], num_heads=num_heads)
+        pruner.step()
+        macs, _ = tp.utils.count_ops_and_params(m, example)
+        times.append(time.perf_counter() - t)
+        err = band.error_pct(macs)
+        if band.contains(macs):
+            first_in_band = first_in_band or probe
+            if best is None or abs(err) < abs(best):
+                best = err
+            if abs(err) <= 0.5:
+                break
+        if macs > band.target_macs:
+            lo = ratio
+        else:
+            hi = ratio
+    return {"bar_first_in_band": first_in_band, "bar_probes": probe, "bar_best_error_pct": best,
+            "prune_count_s": sum(times) / len(times), "bar_total_s": sum(times)}
+
+
+def run_case(name, target_g, over, under, paper_first, paper_err, max_bar_probes) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    example = example_input(224)
+    band = MacBand(target_macs=target_g * 1e9, overshoot_pct=over, undershoot_pct=under)
+    t = time.perf_counter()
+    pruned, result, _ = prune_to_target(model, example, PruningPlan(), band)
+    ours_total = time.perf_counter() - t
+    bar = plain_tp_bisection(model, example, band, max_bar_probes)
+    row = {
+        "model": name, "target_G": target_g, "band": f"+{over}/-{under}",
+        "in_band": "y" if result.in_band else "n", "error_pct": round(result.error_pct, 3),
+        "achieved_G": round(result.achieved_macs / 1e9, 4), "prediction_exact": result.prediction_exact,
+        "probes": result.probes, "real_prunes": 1,
+        "s_per_probe": round(result.seconds["solve"] / max(1, result.probes), 4),
+        "solve_s": round(result.seconds["solve"], 3), "total_s": round(ours_total, 2),
+        "granularity_pct": round(result.granularity_pct, 4),
+        **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in bar.items()},
+        "paper_first_valid_revision": paper_first, "paper_final_error_pct": paper_err,
+    }
+    row["total_over_prune_count"] = round(ours_total / bar["prune_count_s"], 2)
+    return row
+
+
+def markdown(df: pd.DataFrame) -> str:
+    cols = ["model", "target_G", "band", "in_band", "error_pct", "prediction_exact", "probes", "s_per_probe",
+            "total_s", "prune_count_s", "total_over_prune_count", "bar_first_in_band", "bar_probes",
+            "bar_best_error_pct", "bar_total_s", "paper_first_valid_revision", "paper_final_error_pct"]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    return head + "\n".join("| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in df.iterrows())
+
+
+def update_readme(table: str, marker: str = "mac_targeting") -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text() if readme.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    block = f"{start}\n{table}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text += f"\n{block}\n"
+    readme.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", type=int, default=len(CASES))
+    ap.add_argument("--max-bar-probes", type=int, default=20)
+    args = ap.parse_args()
+    rows = []
+    for case in CASES[: args.cases]:
+        row = run_case(*case, max_bar_probes=args.max_bar_probes)
+        print(row, flush=True)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    (ROOT / "results").mkdir(exist_ok=True)
+    df.to_csv(ROOT / "results" / "mac_targeting.csv", index=False)
+    update_readme(markdown(df))
+    print(markdown(df))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Where a pruning run keeps its artifacts in the store, and how to read them back.
+
+Layout under ``runs/<run_id>/``::
+
+    config.json          the validated run configuration (no secrets)
+    status.json          state (running / completed / failed), best revision, timestamps
+    profile.json         baseline profile of the original model
+    original.pt          the original weights the search always prunes from
+    history.jsonl        one record per revision (plan, strategist, verdict, MACs, accuracy, checkpoint sha256)
+    revisions/rNNN.pt    pruned + inline-fine-tuned bundle of every in-band revision
+    extended/state.pt    extended fine-tuning state, saved every K epochs (resume after preemption)
+    final/               model.pt, model.onnx, latency.csv/.md, summary.md, macs.png
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+
+from .store import ArtifactStore, KeyNotFound
+
+
+def run_prefix(run_id: str) -> str:
+    return f"runs/{run_id}"
+
+
+def key(run_id: str, name: str) -> str:
+    """Store key of ``name`` inside run ``run_id``."""
+    return f"{run_prefix(run_id)}/{name}"
+
+
+def revision_key(run_id: str, revision: int, candidate: int = 0) -> str:
+    suffix = f"c{candidate}" if candidate else ""
+    return key(run_id, f"revisions/r{revision:03d}{suffix}.pt")
+
+
+def make_run_id(parts: dict, config_for_hash: dict) -> str:
+    """Deterministic id: re-running the same configuration resumes the same run."""
+    digest = hashlib.sha256(json.dumps(config_for_hash, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    stem = "-".join(str(v) for v in parts.values() if v not in (None, ""))
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-")[:60]
+    return f"{stem}-{digest}"
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_status(store: ArtifactStore, run_id: str, **fields) -> dict:
+    """Merge ``fields`` into the run's status.json."""
+    try:
+        status = store.get_json(key(run_id, "status.json"))
+    except KeyNotFound:
+        status = {"run_id": run_id, "created": now()}
+    status.update(fields, updated=now())
+    store.put_json(key(run_id, "status.json"), status)
+    return status
+
+
+def read_status(store: ArtifactStore, run_id: str) -> dict | None:
+    try:
+        return store.get_json(key(run_id, "status.json"))
+    except KeyNotFound:
+        return None
+
+
+def read_history(store: ArtifactStore, run_id: str) -> list[dict]:
+    """All revision records of a run (empty when none were persisted yet)."""
+    k = key(run_id, "history.jsonl")
+    return store.read_jsonl(k) if store.exists(k) else []
+
+
+def list_runs(store: ArtifactStore) -> list[dict]:
+    """One status dict per run found in the store, newest first."""
+    ids = sorted({k.split("/")[1] for k in store.list("runs/") if k.count("/") >= 2})
+    rows = []
+    for run_id in ids:
+        status = read_status(store, run_id) or {"run_id": run_id, "state": "unknown"}
+        rows.append(status)
+    return sorted(rows, key=lambda s: s.get("updated", ""), reverse=True)
