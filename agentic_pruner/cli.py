@@ -97,7 +97,7 @@ def _plan(args):
 def _band(args):
     from pruning.solver import MacBand
 
-    from .units import parse_macs
+    from pruning.units import parse_macs
 
     return MacBand(target_macs=parse_macs(args.target_macs), overshoot_pct=args.overshoot,
                    undershoot_pct=args.undershoot)
@@ -131,7 +131,7 @@ def cmd_solve(args) -> int:
     from pruning.checkpoint import make_bundle, save_bundle
     from pruning.engine import prune_to_target
 
-    from .units import fmt_macs
+    from pruning.units import fmt_macs
 
     band = _band(args)
     plan = _plan(args)
@@ -170,6 +170,189 @@ def cmd_solve(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# the flow: run / resume / runs / report / demo / serve
+# ----------------------------------------------------------------------------------------------
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="default",
+                   help="timm name, or 'default' = embedded digits ResNet-18 (trained once, cached)")
+    p.add_argument("--checkpoint", help="state dict of your trained model (weights_only=True)")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--pretrained", action="store_true")
+    p.add_argument("--data", default="digits", help="'digits' or 'imagefolder:PATH' (with train/ and val/)")
+    p.add_argument("--input-size", type=int)
+    p.add_argument("--target-macs", default="50%", help="e.g. 2.06G, 500M, or 50%% of the model's MACs")
+    p.add_argument("--overshoot", type=float, default=5.0)
+    p.add_argument("--undershoot", type=float, default=15.0)
+    p.add_argument("--strategist", default="heuristic", choices=["heuristic", "llm"])
+    p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint; key from OPENAI_API_KEY")
+    p.add_argument("--llm-model")
+    p.add_argument("--no-llm-fallback", action="store_true", help="fail instead of falling back to the heuristic")
+    p.add_argument("--max-revisions", type=int, default=8)
+    p.add_argument("--extra-revisions", type=int, default=2, help="phase-2 revisions after the first in-band one")
+    p.add_argument("--importance", default="taylor", choices=["taylor", "l1", "l2", "random"])
+    p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--calibration-batches", type=int, default=4)
+    p.add_argument("--inline-epochs", type=int, default=2)
+    p.add_argument("--extended-epochs", type=int, default=4)
+    p.add_argument("--max-train-batches", type=int, help="cap batches per epoch (quick runs)")
+    p.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency measurement")
+    p.add_argument("--latency-runs", type=int, default=10)
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"),
+                   help="local directory or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
+    p.add_argument("--run-id", help="default: derived from the configuration, so re-running resumes")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_config(args):
+    from agents.run_config import RunConfig
+
+    return RunConfig(
+        model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
+        data=args.data, input_size=args.input_size, target_macs=args.target_macs, overshoot_pct=args.overshoot,
+        undershoot_pct=args.undershoot, strategist=args.strategist, llm_base_url=args.llm_base_url,
+        llm_model=args.llm_model, llm_fallback=not args.no_llm_fallback, max_revisions=args.max_revisions,
+        extra_revisions=args.extra_revisions, importance=args.importance, round_to=args.round_to,
+        calibration_batches=args.calibration_batches, inline_epochs=args.inline_epochs,
+        extended_epochs=args.extended_epochs, max_train_batches=args.max_train_batches, latency=not args.no_latency,
+        latency_runs=args.latency_runs, store=args.store, run_id=args.run_id, seed=args.seed,
+    )
+
+
+def _execute(config) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning")
+    from flows.agentic_prune import agentic_prune
+    from pruning.store import open_store
+
+    if config.checkpoint and not Path(config.checkpoint).is_file():
+        raise CliError(f"checkpoint not found: {config.checkpoint}")
+    if config.target_macs and not config.target_macs.endswith("%"):
+        from pruning.units import parse_macs
+
+        parse_macs(config.target_macs)  # malformed numbers fail before any work
+    open_store(config.store).check()  # unreachable storage / wrong credentials fail before any work
+    summary = agentic_prune(config)
+    store = open_store(config.store)
+    print()
+    print(f"run {summary.run_id}: {summary.new_revisions} new + {summary.resumed_revisions} resumed revisions; "
+          f"stop: {summary.stop_reason}")
+    if summary.best_revision is not None and summary.achieved_macs is not None:
+        print(f"best revision {summary.best_revision}: {summary.achieved_macs / 1e9:.4g} G MACs "
+              f"(target {summary.target_macs / 1e9:.4g} G, error {summary.error_pct:+.3f}%, "
+              f"original {summary.base_macs / 1e9:.4g} G); test accuracy {summary.final_test_accuracy} "
+              f"(original {summary.baseline_test_accuracy:.4f})")
+    if summary.latency_markdown:
+        print(summary.latency_markdown)
+    run_dir = store.url_for(summary.summary_key).rsplit("/final/", 1)[0]
+    print(f"results:  {store.url_for(summary.summary_key)}  (all artifacts under {run_dir}/)")
+    print(f"history:  agentic-pruner report {summary.run_id} --store {config.store}")
+    print("Prefect UI: run 'prefect server start' (same PREFECT_HOME) and open http://127.0.0.1:4200 -> Runs")
+    return 0 if summary.best_revision is not None else 1
+
+
+def cmd_run(args) -> int:
+    return _execute(_run_config(args))
+
+
+def cmd_demo(args) -> int:
+    from agents.run_config import RunConfig
+
+    _log("demo: prune the embedded default (timm resnet18 trained on scikit-learn digits) to 50% of its MACs")
+    return _execute(RunConfig(store=args.store))
+
+
+def cmd_resume(args) -> int:
+    from agents.run_config import RunConfig
+    from pruning import runs
+    from pruning.store import KeyNotFound, open_store
+
+    store = open_store(args.store)
+    store.check()
+    try:
+        stored = store.get_json(runs.key(args.run_id, "config.json"))
+    except KeyNotFound:
+        raise CliError(f"no run '{args.run_id}' in {store.describe()} (see 'agentic-pruner runs')") from None
+    stored.update(store=args.store, run_id=args.run_id)
+    return _execute(RunConfig(**stored))
+
+
+def cmd_runs(args) -> int:
+    from pruning import runs
+    from pruning.store import open_store
+
+    store = open_store(args.store)
+    store.check()
+    rows = runs.list_runs(store)
+    if not rows:
+        print(f"no runs in {store.describe()}")
+        return 0
+    print(f"{'run id':<52} {'state':<12} {'best':>4} {'test acc':>8}  updated")
+    for r in rows:
+        acc = r.get("test_accuracy")
+        print(f"{r.get('run_id', '?'):<52} {r.get('state', '?'):<12} {str(r.get('best_revision', '')):>4} "
+              f"{'' if acc is None else f'{acc:.4f}':>8}  {r.get('updated', '')}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from agents.history import RevisionRecord, history_dataframe
+    from pruning import runs
+    from pruning.store import open_store
+
+    store = open_store(args.store)
+    store.check()
+    records = runs.read_history(store, args.run_id)
+    if not records and runs.read_status(store, args.run_id) is None:
+        raise CliError(f"no run '{args.run_id}' in {store.describe()} (see 'agentic-pruner runs')")
+    frame = history_dataframe([RevisionRecord(**r) for r in records])
+    cols = [c for c in ("revision", "strategist_used", "verdict", "status", "achieved_macs", "error_pct", "in_band",
+                        "accuracy_before", "accuracy_after", "fallback_reason") if c in frame.columns]
+    if args.json:
+        print(frame.to_json(orient="records"))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.width", 200, "display.max_columns", 20):
+            print(frame[cols].to_string(index=False))
+        status = runs.read_status(store, args.run_id) or {}
+        print(f"state: {status.get('state')}, best revision: {status.get('best_revision')}, "
+              f"stop: {status.get('stop_reason')}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning")
+    from flows.agentic_prune import agentic_prune
+
+    agentic_prune.serve(name=args.name, cron=args.cron)
+    return 0
+
+
+def _register_flow_commands(sub) -> None:
+    p = sub.add_parser("run", help="run the agentic pruning flow (Prefect; ephemeral API when no server is set)")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("demo", help="the main job on the embedded default (digits ResNet-18, 50%% MACs)")
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("resume", help="continue a run from its last persisted revision")
+    p.add_argument("run_id")
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    p.set_defaults(func=cmd_resume)
+    p = sub.add_parser("runs", help="list runs in the store")
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("report", help="print a run's revision history")
+    p.add_argument("run_id")
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("serve", help="serve the flow as a Prefect deployment (no work pool needed)")
+    p.add_argument("--name", default="agentic-prune-serve")
+    p.add_argument("--cron", help="e.g. '0 3 * * *'")
+    p.set_defaults(func=cmd_serve)
+
+
+# ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentic-pruner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -195,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Later modules (search, flows, latency) append ``register(subparsers)`` functions here.
-_EXTRA_COMMANDS: list = []
+_EXTRA_COMMANDS: list = [_register_flow_commands]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from agentic_pruner.cli import main
-from agentic_pruner.units import parse_macs
+from pruning.units import parse_macs
 
 
 @pytest.mark.parametrize("argv,needle", [

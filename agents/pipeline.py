@@ -1,0 +1,373 @@
+"""The steps of a pruning run, as plain functions over an artifact store (no Prefect here).
+
+Every step reads what it needs from the store and writes what it made back, so steps can run in
+different processes or machines and a run can resume after the process dies. The Prefect tasks in
+``tasks/`` are thin wrappers around these functions; the CLI and tests can call them directly.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from pruning import runs
+from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
+from pruning.data import DataBundle, DataConfig, build_data, check_num_classes
+from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
+from pruning.plan import PruningPlan
+from pruning.profile import profile_model
+from pruning.solver import InfeasibleTarget, MacBand, solve
+from pruning.space import PruningError, PruningSpace, count_macs_params
+from pruning.store import ArtifactStore, open_store
+from pruning.training import (
+    ExtendedConfig, FinetuneConfig, calibrate_copy, evaluate, extended_finetune, finetune, state_from_bytes,
+    state_to_bytes,
+)
+
+from .history import RevisionRecord
+from .profiling import ProfileSummary, build_profile
+from .run_config import DEFAULT_MODEL, RunConfig
+from .safety import SafetyValidator, solved_kind_ratios
+from .search import Evaluated, Measured
+
+log = logging.getLogger("agents.pipeline")
+DIGITS_LR = 0.02  # measured: recovers a 50 %-MAC pruned default model within 2 points in 2-3 epochs
+
+
+class RunInfo(BaseModel):
+    """What a run is and where it lives."""
+
+    run_id: str
+    store: str
+    resumed: bool
+    completed_revisions: int
+    state: str
+
+
+class Baseline(BaseModel):
+    """The original model in the store and its accuracy."""
+
+    key: str
+    sha256: str
+    model_spec: dict
+    input_size: int
+    num_classes: int
+    base_macs: float
+    base_params: int
+    val_accuracy: float
+    test_accuracy: float
+    target_macs: float
+
+
+class RunContext:
+    """Process-local view of a run: the store, plus the original model and data loaded once per process."""
+
+    def __init__(self, config: RunConfig, run_id: str):
+        self.config = config
+        self.run_id = run_id
+        self.store: ArtifactStore = open_store(config.store)
+        self._data: DataBundle | None = None
+        self._original: nn.Module | None = None
+        self._baseline: Baseline | None = None
+
+    def key(self, name: str) -> str:
+        return runs.key(self.run_id, name)
+
+    # -- data and models ------------------------------------------------------------------------
+    @property
+    def is_default_model(self) -> bool:
+        return self.config.model == DEFAULT_MODEL
+
+    def data(self, model: nn.Module | None = None) -> DataBundle:
+        if self._data is None:
+            cfg = DataConfig(spec=self.config.data, input_size=self.config.input_size, seed=self.config.seed)
+            self._data = build_data(cfg, model=model)
+        return self._data
+
+    def baseline(self) -> Baseline:
+        if self._baseline is None:
+            self._baseline = Baseline(**self.store.get_json(self.key("baseline.json")))
+        return self._baseline
+
+    def example(self) -> torch.Tensor:
+        b = self.baseline()
+        return torch.randn(1, 3, b.input_size, b.input_size, generator=torch.Generator().manual_seed(0))
+
+    def original(self) -> nn.Module:
+        """The original model, rebuilt from the store (weights checked against the recorded sha256)."""
+        if self._original is None:
+            b = self.baseline()
+            model = load_model(ModelSpec(**b.model_spec))
+            load_weights(model, self.store.get_torch(b.key, sha256=b.sha256), source="stored original model")
+            self._original = model.eval()
+        return self._original
+
+    def band(self) -> MacBand:
+        b = self.baseline()
+        return MacBand(target_macs=b.target_macs, overshoot_pct=self.config.overshoot_pct,
+                       undershoot_pct=self.config.undershoot_pct)
+
+    def inline_lr(self) -> float | None:
+        return self.config.inline_lr or (DIGITS_LR if self.is_default_model else None)
+
+
+_CONTEXTS: dict[str, RunContext] = {}
+
+
+def get_context(config: RunConfig, run_id: str) -> RunContext:
+    """The cached context of ``run_id`` in this process (created on first use)."""
+    ctx = _CONTEXTS.get(run_id)
+    if ctx is None or ctx.config != config:
+        ctx = _CONTEXTS[run_id] = RunContext(config, run_id)
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------
+# steps
+# ----------------------------------------------------------------------------------------------
+def run_id_for(config: RunConfig) -> str:
+    if config.run_id:
+        return config.run_id
+    return runs.make_run_id({"model": config.model, "target": config.target_macs.replace("%", "pct"),
+                             "strategist": config.strategist}, config.identity())
+
+
+def open_run(config: RunConfig) -> RunInfo:
+    """Check the store is reachable and writable, then create the run or find it for resuming."""
+    store = open_store(config.store)
+    store.check()
+    run_id = run_id_for(config)
+    cfg_key = runs.key(run_id, "config.json")
+    safe = config.model_dump(mode="json")
+    if store.exists(cfg_key):
+        stored = store.get_json(cfg_key)
+        differs = {k for k in config.identity() if stored.get(k) != safe.get(k)}
+        if differs:
+            raise ValueError(f"run {run_id} exists with a different configuration ({', '.join(sorted(differs))}); "
+                             "pass another --run-id")
+        resumed = True
+    else:
+        store.put_json(cfg_key, safe)
+        resumed = False
+    history = runs.read_history(store, run_id)
+    status = runs.write_status(store, run_id, state="running", model=config.model, target=config.target_macs,
+                               strategist=config.strategist, store_url=store.describe())
+    return RunInfo(run_id=run_id, store=store.describe(), resumed=resumed, completed_revisions=len(history),
+                   state=status["state"])
+
+
+def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
+    """Put the original model into the store (once) and measure its baseline accuracy."""
+    if ctx.store.exists(ctx.key("baseline.json")):
+        return ctx.baseline()
+    cfg = ctx.config
+    if ctx.is_default_model:
+        from pruning.default_model import DEFAULT_ARCH, DEFAULT_INPUT_SIZE, load_default_model
+
+        model, info = load_default_model(cache_dir)
+        spec = ModelSpec(name=DEFAULT_ARCH, num_classes=int(info.get("num_classes", 10)),
+                         input_size=DEFAULT_INPUT_SIZE)
+    else:
+        spec = ModelSpec(name=cfg.model, num_classes=cfg.num_classes, pretrained=cfg.pretrained,
+                         checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None, input_size=cfg.input_size)
+        model = load_model(spec)
+    data = ctx.data(model)
+    if cfg.num_classes is None and not ctx.is_default_model and cfg.checkpoint is None and not cfg.pretrained:
+        pass  # a random-init model keeps its default head; the class check below explains a mismatch
+    check_num_classes(data, model)
+    size = int(data.input_size[-1])
+    example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    base_macs, base_params = count_macs_params(model, example)
+    target = cfg.resolve_target(base_macs)
+    if target >= base_macs:
+        raise InfeasibleTarget(f"target {target / 1e9:.4g} G MACs is not below the model's {base_macs / 1e9:.4g} G MACs")
+    val = evaluate(model, data.val, progress_bar=False).top1
+    test = evaluate(model, data.test, progress_bar=False).top1
+    key = ctx.key("original.pt")
+    sha = ctx.store.put_torch(key, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    baseline = Baseline(key=key, sha256=sha, model_spec=spec.model_copy(update={"checkpoint": None, "pretrained": False,
+                                                                              "input_size": size}).model_dump(mode="json"),
+                        input_size=size, num_classes=data.num_classes, base_macs=base_macs, base_params=base_params,
+                        val_accuracy=val, test_accuracy=test, target_macs=target)
+    ctx.store.put_json(ctx.key("baseline.json"), baseline.model_dump(mode="json"))
+    ctx._original, ctx._baseline = model.eval(), baseline
+    return baseline
+
+
+def profile_run(ctx: RunContext) -> ProfileSummary:
+    """Profiling Agent input: engine profile (stored as profile.json) and the agents' summary."""
+    key = ctx.key("profile_summary.json")
+    if ctx.store.exists(key):
+        return ProfileSummary(**ctx.store.get_json(key))
+    model, example = ctx.original(), ctx.example()
+    space = PruningSpace.build(model, example, PruningPlan())
+    prof = profile_model(model, example, name=ctx.baseline().model_spec["name"], space=space)
+    ctx.store.put_json(ctx.key("profile.json"), prof.model_dump(mode="json"))
+    summary = build_profile(space, model_name=prof.model, dataset=ctx.config.data,
+                                    num_classes=ctx.baseline().num_classes, input_size=ctx.baseline().input_size,
+                                    taylor_available=True)
+    ctx.store.put_json(key, summary.model_dump(mode="json"))
+    return summary
+
+
+def _calibrated_copy(ctx: RunContext, plan: PruningPlan) -> nn.Module:
+    model = ctx.original()
+    if plan.importance == "taylor":
+        torch.manual_seed(ctx.config.seed)
+        return calibrate_copy(model, ctx.data().calib, ctx.config.calibration_batches)
+    return copy.deepcopy(model)
+
+
+def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None = None) -> Measured:
+    """Prune the ORIGINAL model with ``plan`` scaled onto the target; count MACs; store the pruned bundle."""
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    band = ctx.band()
+    example = ctx.example()
+    try:
+        model = _calibrated_copy(ctx, plan)
+        timings["calibrate"] = time.perf_counter() - t
+        t = time.perf_counter()
+        space = PruningSpace(model, example, plan, seed=ctx.config.seed)
+        solution = solve(space, plan, band)
+        notes: list[str] = []
+        if validator is not None:
+            plan, solution, notes = validator.repair_solution(space, plan, band, solution, solve)
+        timings["solve"] = time.perf_counter() - t
+    except (InfeasibleTarget, PruningError) as exc:
+        return Measured(plan=plan, status="infeasible" if isinstance(exc, InfeasibleTarget) else "error",
+                        error=str(exc), timings=timings)
+    kind_ratios = solved_kind_ratios(space, solution)
+    t = time.perf_counter()
+    pruned = space.apply(solution.cuts())
+    macs, params = count_macs_params(pruned, example)
+    timings["apply_count"] = time.perf_counter() - t
+    in_band = band.contains(macs)
+    measured = Measured(plan=solution.plan, solver_ratio=solution.ratio, predicted_macs=solution.predicted_macs,
+                        achieved_macs=macs, params=params, error_pct=band.error_pct(macs), in_band=in_band,
+                        kind_ratios=kind_ratios, notes=notes, timings=timings)
+    if in_band:
+        t = time.perf_counter()
+        measured.accuracy_before = evaluate(pruned, ctx.data().val, progress_bar=False).top1
+        spec = ModelSpec(**ctx.baseline().model_spec)
+        bundle = make_bundle(pruned, spec, solution.plan, space.pruning_history(), ctx.baseline().input_size,
+                             metrics={"achieved_macs": macs, "params": params, "revision": revision},
+                             attention_heads=space.attention_heads())
+        key = ctx.key(f"revisions/r{revision:03d}.pruned.pt")
+        sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
+        measured.checkpoint_key, measured.checkpoint_sha256 = key, sha
+        timings["zero_shot_eval_save"] = time.perf_counter() - t
+    return measured
+
+
+def load_bundle(ctx: RunContext, key: str, sha256: str | None) -> tuple[nn.Module, dict]:
+    """Rebuild a stored pruned model; a checksum mismatch is an error, never silently used."""
+    bundle = read_bundle(ctx.store.get_bytes(key, sha256=sha256))
+    return rebuild(bundle), bundle
+
+
+def finetune_revision(ctx: RunContext, measured: Measured, revision: int) -> Evaluated:
+    """Inline fine-tuning (paper Table 7) of an in-band candidate; evaluate on the validation split."""
+    t = time.perf_counter()
+    model, bundle = load_bundle(ctx, measured.checkpoint_key, measured.checkpoint_sha256)
+    cfg = ctx.config
+    result = None
+    if cfg.inline_epochs > 0:
+        ft = FinetuneConfig(epochs=cfg.inline_epochs, lr=ctx.inline_lr(), seed=cfg.seed + revision,
+                            mac_reduction=1 - (measured.achieved_macs or 0) / ctx.baseline().base_macs,
+                            max_train_batches=cfg.max_train_batches, bn_recalibration=ctx.is_default_model,
+                            progress_bar=False)
+        result = finetune(model, ctx.data(), ft, progress=False)
+    acc = evaluate(model, ctx.data().val, progress_bar=False).top1
+    bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    bundle["metrics"].update(val_accuracy=acc, inline_epochs=cfg.inline_epochs,
+                             inline_lr=result.lr if result else None)
+    key = runs.revision_key(ctx.run_id, revision)
+    sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
+    ctx.store.delete(measured.checkpoint_key)  # the pre-fine-tuning bundle is not needed any more
+    return Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
+                     timings={"finetune_eval_save": time.perf_counter() - t})
+
+
+class StoreCheckpointer:
+    """Extended fine-tuning checkpoints in the artifact store (resume after preemption)."""
+
+    def __init__(self, store: ArtifactStore, key: str):
+        self.store, self.key = store, key
+
+    def save_checkpoint(self, epoch: int, state: dict) -> None:
+        self.store.put_bytes(self.key, state_to_bytes(state))
+
+    def load_checkpoint(self) -> dict | None:
+        if not self.store.exists(self.key):
+            return None
+        return state_from_bytes(self.store.get_bytes(self.key))
+
+
+class FinalModel(BaseModel):
+    key: str
+    sha256: str
+    revision: int
+    achieved_macs: float
+    params: int
+    val_accuracy: float
+    test_accuracy: float
+    inline_test_accuracy: float
+    extended_epochs: int
+    extended_best_epoch: int | None = None
+    seconds: float
+
+
+def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel:
+    """Extended fine-tuning (KD from the original + EMA, resumable) of the selected revision; test accuracy."""
+    final_key = ctx.key("final/model.pt")
+    if ctx.store.exists(ctx.key("final/model.json")):
+        return FinalModel(**ctx.store.get_json(ctx.key("final/model.json")))
+    t = time.perf_counter()
+    model, bundle = load_bundle(ctx, best.checkpoint_key, best.checkpoint_sha256)
+    data = ctx.data()
+    inline_test = evaluate(model, data.test, progress_bar=False).top1
+    cfg = ctx.config
+    best_epoch = None
+    if cfg.extended_epochs > 0:
+        ext = ExtendedConfig(epochs=cfg.extended_epochs, seed=cfg.seed,
+                             lr=cfg.extended_lr or (DIGITS_LR if ctx.is_default_model else None),
+                             max_train_batches=cfg.max_train_batches, progress_bar=False,
+                             mac_reduction=1 - (best.achieved_macs or 0) / ctx.baseline().base_macs)
+        result = extended_finetune(model, ctx.original(), data, ext,
+                                   checkpointer=StoreCheckpointer(ctx.store, ctx.key("extended/state.pt")),
+                                   progress=progress if progress is not None else False)
+        best_epoch = result.best_epoch
+    val = evaluate(model, data.val, progress_bar=False).top1
+    test = evaluate(model, data.test, progress_bar=False).top1
+    bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    bundle["metrics"].update(val_accuracy=val, test_accuracy=test, extended_epochs=cfg.extended_epochs)
+    sha = ctx.store.put_bytes(final_key, bundle_bytes(bundle))
+    final = FinalModel(key=final_key, sha256=sha, revision=best.revision, achieved_macs=best.achieved_macs or 0.0,
+                       params=best.params or 0, val_accuracy=val, test_accuracy=test, inline_test_accuracy=inline_test,
+                       extended_epochs=cfg.extended_epochs, extended_best_epoch=best_epoch,
+                       seconds=time.perf_counter() - t)
+    ctx.store.put_json(ctx.key("final/model.json"), final.model_dump(mode="json"))
+    return final
+
+
+def measure_latency(ctx: RunContext, final: FinalModel):
+    """ONNX export + onnxruntime CPU (and torch.compile GPU when available) of original vs final model."""
+    from pruning.latency import LatencyConfig, run_latency_benchmark
+
+    model, _ = load_bundle(ctx, final.key, final.sha256)
+    size = ctx.baseline().input_size
+    cfg = LatencyConfig(runs=ctx.config.latency_runs, warmup=max(2, ctx.config.latency_runs // 5),
+                        run_gpu=ctx.config.gpu_benchmark)
+    with tempfile.TemporaryDirectory(prefix="agentic-pruner-latency-") as tmp:
+        report = run_latency_benchmark(ctx.original(), model, (3, size, size), tmp, cfg)
+        for path in Path(tmp).iterdir():
+            if path.is_file():
+                ctx.store.put_file(ctx.key(f"final/{path.name}"), path)
+    return report

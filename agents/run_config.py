@@ -1,0 +1,76 @@
+"""One pydantic config for a whole pruning run (the Prefect flow's parameters, the CLI's flags)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pruning.plan import Criterion
+
+DEFAULT_MODEL = "default"
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run. Secrets (API keys, AWS credentials) never go here: they come from env vars."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # -- what to prune --------------------------------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="timm name, or 'default' = the embedded digits ResNet-18 (trained once, cached)")
+    checkpoint: str | None = Field(None, description="state dict of the user's trained model (weights_only=True)")
+    num_classes: int | None = Field(None, gt=0, description="classifier width; default = the data's class count")
+    pretrained: bool = Field(False, description="hub weights (needs internet; off by default)")
+    data: str = Field("digits", description="'digits' (embedded) or 'imagefolder:PATH' with train/ and val/")
+    input_size: int | None = Field(None, gt=0, description="square input side; default from the data/model config")
+    # -- the budget -----------------------------------------------------------------------------
+    target_macs: str = Field("50%", description="absolute ('2.06G', '500M') or relative to the model ('50%')")
+    overshoot_pct: float = Field(5.0, ge=0, le=100, description="allowed % above target (paper Eq. 1)")
+    undershoot_pct: float = Field(15.0, ge=0, lt=100, description="allowed % below target")
+    # -- the agents -----------------------------------------------------------------------------
+    strategist: Literal["heuristic", "llm"] = Field("heuristic", description="who proposes allocation shapes")
+    llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
+    llm_model: str | None = Field(None, description="model name at that endpoint")
+    llm_fallback: bool = Field(True, description="fall back to the heuristic (recorded) when the LLM fails")
+    max_revisions: int = Field(8, ge=1, le=1000, description="R_max of Algorithm 1")
+    extra_revisions: int = Field(2, ge=0, le=100, description="phase-2 revisions after the first in-band one (paper: 30)")
+    importance: Criterion = Field("taylor", description="channel importance (taylor uses calibration batches)")
+    round_to: int = Field(8, ge=1, le=64, description="kept channels are multiples of this")
+    calibration_batches: int = Field(4, ge=1, description="batches for Taylor importance (paper: 100 x 64)")
+    # -- fine-tuning ----------------------------------------------------------------------------
+    inline_epochs: int = Field(2, ge=0, description="inline fine-tuning epochs per in-band candidate (paper: 5)")
+    inline_lr: float | None = Field(None, gt=0, description="None = paper LR for user models, 0.02 for the digits default")
+    max_train_batches: int | None = Field(None, ge=1, description="cap batches per epoch (quick runs)")
+    extended_epochs: int = Field(4, ge=0, description="extended fine-tuning epochs of the winner with KD + EMA (0 = skip)")
+    extended_lr: float | None = Field(None, gt=0, description="None = 0.02 for the digits default, paper LR otherwise")
+    # -- latency --------------------------------------------------------------------------------
+    latency: bool = Field(True, description="export the winner to ONNX and benchmark original vs pruned")
+    latency_runs: int = Field(10, ge=1, description="timed runs per measurement")
+    gpu_benchmark: bool = Field(True, description="torch.compile GPU benchmark when CUDA is available")
+    # -- bookkeeping ----------------------------------------------------------------------------
+    store: str = Field("runs", description="local directory or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
+    run_id: str | None = Field(None, description="None = derived from this config, so re-running resumes")
+    seed: int = Field(0, description="seeds calibration, fine-tuning and the strategist")
+
+    @field_validator("target_macs", mode="before")
+    @classmethod
+    def _target_str(cls, v):
+        return str(v).strip()
+
+    def resolve_target(self, base_macs: float) -> float:
+        """Absolute MAC target; '50%' means half of ``base_macs``."""
+        from pruning.units import parse_macs
+
+        text = self.target_macs
+        if text.endswith("%"):
+            try:
+                pct = float(text[:-1])
+            except ValueError:
+                raise ValueError(f"malformed relative target '{text}' (expected e.g. 50%)") from None
+            if not 0 < pct < 100:
+                raise ValueError(f"relative target must lie strictly between 0% and 100%, got '{text}'")
+            return base_macs * pct / 100
+        return parse_macs(text)
+
+    def identity(self) -> dict:
+        """Fields that define the run's results (used for the deterministic run id)."""
+        return self.model_dump(exclude={"store", "run_id", "llm_fallback", "latency_runs", "gpu_benchmark"})

@@ -1,0 +1,203 @@
+"""The AgenticPruner flow: profile -> (strategy -> safety -> prune -> inline fine-tune -> evaluate)* -> select
+-> extended fine-tune -> latency, with every record and checkpoint in the artifact store.
+
+Re-running the same configuration (or ``agentic-pruner resume RUN_ID``) continues from the last
+persisted revision: finished revisions are read back from the store, never recomputed.
+"""
+from __future__ import annotations
+
+import os
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    update_progress_artifact,
+)
+from pydantic import BaseModel
+
+from agents import pipeline
+from agents.history import RevisionRecord
+from agents.master import MasterAgent, MasterConfig
+from agents.run_config import RunConfig
+from agents.safety import SafetyValidator
+from agents.search import SearchContext, run_search
+from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist
+from pruning import runs
+from pruning.plan import PruningPlan
+from pruning.report import mac_plot_png, markdown_table
+from tasks import run_tasks
+from tasks.agent_tasks import TaskStrategist, TaskValidator
+
+
+class RunSummary(BaseModel):
+    """What the flow returns (and what the CLI prints)."""
+
+    run_id: str
+    store: str
+    resumed_revisions: int
+    new_revisions: int
+    stop_reason: str
+    best_revision: int | None
+    base_macs: float
+    target_macs: float
+    achieved_macs: float | None
+    error_pct: float | None
+    baseline_test_accuracy: float
+    final_test_accuracy: float | None
+    latency_markdown: str | None = None
+    summary_key: str
+
+
+def _artifact_key(run_id: str, what: str) -> str:
+    return "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in f"{run_id}-{what}".lower()).split("-")))[:120]
+
+
+def _row(r: RevisionRecord) -> dict:
+    return {"revision": r.revision, "strategist": r.strategist_used, "verdict": r.verdict, "status": r.status,
+            "MACs (G)": None if r.achieved_macs is None else round(r.achieved_macs / 1e9, 5),
+            "error %": None if r.error_pct is None else round(r.error_pct, 3), "in band": r.in_band,
+            "acc before": None if r.accuracy_before is None else round(r.accuracy_before, 4),
+            "acc after": None if r.accuracy_after is None else round(r.accuracy_after, 4),
+            "fallback": r.fallback_reason or ""}
+
+
+def _strategist(config: RunConfig):
+    if config.strategist == "llm":
+        llm = LLMConfig(**{k: v for k, v in {"base_url": config.llm_base_url, "model": config.llm_model}.items() if v})
+        return LLMStrategist(llm, fallback=config.llm_fallback)
+    return HeuristicStrategist()
+
+
+def flow_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    cfg = flow_run.parameters.get("config")
+    cfg = cfg if isinstance(cfg, RunConfig) else RunConfig(**(cfg or {}))
+    return f"prune-{cfg.model}-{cfg.target_macs}-{cfg.strategist}".replace("%", "pct")
+
+
+@flow(name="agentic-prune", flow_run_name=flow_run_name, log_prints=True, validate_parameters=True)
+def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
+    """Prune ``config.model`` onto ``config.target_macs`` with an agent in the loop; resumable."""
+    log = get_run_logger()
+    info = run_tasks.open_run(config)
+    run_id = info.run_id
+    log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,
+             "resuming" if info.resumed else "new", info.completed_revisions)
+    ctx = pipeline.get_context(config, run_id)
+    try:
+        baseline = run_tasks.prepare_original(config, run_id)
+        log.info("original model: %.4g G MACs, %.2f M params, val acc %.4f, test acc %.4f; target %.4g G MACs",
+                 baseline.base_macs / 1e9, baseline.base_params / 1e6, baseline.val_accuracy, baseline.test_accuracy,
+                 baseline.target_macs / 1e9)
+        profile = run_tasks.profile(config, run_id)
+        log.info("profiling agent:\n%s", profile.text(ctx.band()))
+
+        validator = SafetyValidator(dataset=config.data)
+        master = MasterAgent(MasterConfig(max_revisions=config.max_revisions, extra_revisions=config.extra_revisions))
+        resume = [RevisionRecord(**r) for r in runs.read_history(ctx.store, run_id)]
+        rows = [_row(r) for r in resume]
+        progress_id = create_progress_artifact(progress=100.0 * len(resume) / config.max_revisions,
+                                               key=_artifact_key(run_id, "progress"),
+                                               description="revisions done / max revisions")
+
+        def prune_and_measure(plan: PruningPlan):
+            revision = len(rows)
+            return run_tasks.prune(config, run_id, plan, revision, validator)
+
+        def finetune_and_evaluate(measured):
+            return run_tasks.finetune(config, run_id, measured, measured.revision)
+
+        def on_record(record: RevisionRecord) -> None:
+            run_tasks.persist_record(config, run_id, record)
+            rows.append(_row(record))
+            create_table_artifact(table=rows, key=_artifact_key(run_id, "revisions"),
+                                  description=f"revisions of {run_id}")
+            update_progress_artifact(progress_id, progress=min(100.0, 100.0 * len(rows) / config.max_revisions))
+            log.info("revision %d [%s -> %s, %s]: %s MACs, error %s%%, in band %s, acc %s -> %s%s",
+                     record.revision, record.strategist_used, record.verdict, record.status,
+                     record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 3),
+                     record.in_band, record.accuracy_before, record.accuracy_after,
+                     f" (fallback: {record.fallback_reason})" if record.fallback_reason else "")
+
+        strategist = _strategist(config)
+        context = SearchContext(band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,
+                                round_to=config.round_to), baseline_accuracy=baseline.val_accuracy, seed=config.seed)
+        result = run_search(context, TaskStrategist(strategist), TaskValidator(validator), master, prune_and_measure,
+                            finetune_and_evaluate, on_record, resume_history=resume)
+        update_progress_artifact(progress_id, progress=100.0)
+        log.info("search stopped: %s; best revision %s", result.stop_reason, result.best_revision)
+
+        final = None
+        latency_md = None
+        if result.best is not None and result.best_in_band:
+            final = run_tasks.finalize(config, run_id, result.best)
+            log.info("final model (revision %d): test acc %.4f (inline %.4f, baseline %.4f)", final.revision,
+                     final.test_accuracy, final.inline_test_accuracy, baseline.test_accuracy)
+            if config.latency:
+                report = run_tasks.latency(config, run_id, final)
+                latency_md = report.to_markdown()
+                frame = report.to_dataframe()
+                create_table_artifact(table=frame.astype(object).where(frame.notna(), None).to_dict("records"),
+                                      key=_artifact_key(run_id, "latency"),
+                                      description="original vs pruned (paper Table 3 columns)")
+        summary = _write_summary(ctx, result, baseline, final, latency_md)
+        runs.write_status(ctx.store, run_id, state="completed" if final else "finished-without-candidate",
+                          best_revision=result.best_revision, stop_reason=result.stop_reason,
+                          test_accuracy=final.test_accuracy if final else None)
+        return summary
+    except BaseException as exc:
+        try:
+            runs.write_status(ctx.store, run_id, state="failed", error=str(exc).splitlines()[0][:300] if str(exc) else
+                              type(exc).__name__)
+        except Exception:  # noqa: BLE001 - the store may be what failed
+            pass
+        raise
+
+
+def _write_summary(ctx, result, baseline, final, latency_md) -> RunSummary:
+    best = result.best
+    band = ctx.band()
+    history = result.history
+    png = mac_plot_png([r.revision for r in history], [r.achieved_macs for r in history],
+                       [r.in_band for r in history], band.target_macs, band.lower, band.upper,
+                       title=f"{ctx.run_id}: MACs per revision")
+    plot_key = ctx.key("final/macs.png")
+    ctx.store.put_bytes(plot_key, png)
+    lines = [
+        f"# {ctx.run_id}",
+        "",
+        f"- original: {baseline.base_macs / 1e9:.4g} G MACs, {baseline.base_params / 1e6:.3g} M params, "
+        f"test accuracy {baseline.test_accuracy:.4f}",
+        f"- target: {band.target_macs / 1e9:.4g} G MACs (band {band.lower / 1e9:.4g}-{band.upper / 1e9:.4g} G)",
+        f"- revisions: {len(history)} ({result.resumed_revisions} resumed); stop: {result.stop_reason}",
+    ]
+    if best is not None and final is not None:
+        lines += [
+            f"- **best revision {best.revision}**: {best.achieved_macs / 1e9:.4g} G MACs "
+            f"(error {best.error_pct:+.3f}%), {best.params / 1e6:.3g} M params, val acc after inline FT "
+            f"{best.accuracy_after}, test acc after extended FT {final.test_accuracy:.4f}",
+        ]
+    lines += ["", "## Revisions", "", markdown_table([_row(r) for r in history])]
+    if latency_md:
+        lines += ["", "## Latency (original vs pruned)", "", latency_md]
+    lines += ["", f"MAC plot: {ctx.store.url_for(plot_key)}"]
+    text = "\n".join(lines)
+    summary_key = ctx.key("final/summary.md")
+    ctx.store.put_bytes(summary_key, text.encode())
+    create_markdown_artifact(markdown=text, key=_artifact_key(ctx.run_id, "summary"), description="run summary")
+    create_link_artifact(link=ctx.store.url_for(plot_key), link_text="MAC-vs-revision plot",
+                         key=_artifact_key(ctx.run_id, "mac-plot"))
+    return RunSummary(
+        run_id=ctx.run_id, store=ctx.store.describe(), resumed_revisions=result.resumed_revisions,
+        new_revisions=result.new_revisions, stop_reason=result.stop_reason, best_revision=result.best_revision,
+        base_macs=baseline.base_macs, target_macs=band.target_macs,
+        achieved_macs=best.achieved_macs if best else None, error_pct=best.error_pct if best else None,
+        baseline_test_accuracy=baseline.test_accuracy, final_test_accuracy=final.test_accuracy if final else None,
+        latency_markdown=latency_md, summary_key=summary_key,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    print(agentic_prune(RunConfig()))

@@ -1,0 +1,26 @@
+"""Retry only where a retry can help: storage and network I/O, never invalid configuration."""
+from __future__ import annotations
+
+from pruning.store import is_transient_store_error
+
+#: Backoff between attempts (seconds) for I/O-bound tasks.
+IO_RETRY_DELAYS = [1, 4, 10]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if is_transient_store_error(exc):
+        return True
+    name = type(exc).__name__
+    # openai / httpx transport failures and timeouts
+    return name in {"APIConnectionError", "APITimeoutError", "InternalServerError", "RateLimitError",
+                    "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError"} or isinstance(
+        exc, (ConnectionError, TimeoutError))
+
+
+def retry_on_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry when the failure was a transient I/O error."""
+    try:
+        state.result()
+    except BaseException as exc:  # noqa: BLE001 - we only classify
+        return _is_transient(exc)
+    return False

@@ -1,0 +1,69 @@
+"""Prefect tasks: thin wrappers over ``agents.pipeline`` steps (keys and pydantic models in, out)."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from agents import pipeline
+from agents.history import RevisionRecord
+from agents.profiling import ProfileSummary
+from agents.run_config import RunConfig
+from agents.search import Evaluated, Measured
+from pruning import runs
+from pruning.plan import PruningPlan
+
+from .retry import IO_RETRY_DELAYS, retry_on_transient
+
+_io = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_on_transient, cache_policy=NONE)
+
+
+@task(name="open-run", **_io)
+def open_run(config: RunConfig) -> pipeline.RunInfo:
+    """Check the store, then create the run or find it for resuming."""
+    return pipeline.open_run(config)
+
+
+@task(name="prepare-original-model", **_io)
+def prepare_original(config: RunConfig, run_id: str) -> pipeline.Baseline:
+    """Load (or train, for the embedded default) the original model, store it, measure baseline accuracy."""
+    return pipeline.prepare_original(pipeline.get_context(config, run_id))
+
+
+@task(name="profile", **_io)
+def profile(config: RunConfig, run_id: str) -> ProfileSummary:
+    """Profiling Agent: MAC distribution per stage / group kind."""
+    return pipeline.profile_run(pipeline.get_context(config, run_id))
+
+
+@task(name="prune-and-measure", **_io)
+def prune(config: RunConfig, run_id: str, plan: PruningPlan, revision: int, validator) -> Measured:
+    """Prune the original weights with the plan scaled onto the target; MACs re-counted; bundle stored."""
+    return pipeline.prune_revision(pipeline.get_context(config, run_id), plan, revision, validator)
+
+
+@task(name="inline-finetune-evaluate", **_io)
+def finetune(config: RunConfig, run_id: str, measured: Measured, revision: int) -> Evaluated:
+    """Inline fine-tuning of an in-band candidate and validation accuracy."""
+    return pipeline.finetune_revision(pipeline.get_context(config, run_id), measured, revision)
+
+
+@task(name="persist-revision", **_io)
+def persist_record(config: RunConfig, run_id: str, record: RevisionRecord) -> int:
+    """Append the revision record to history.jsonl (idempotent: a revision already stored is not added again)."""
+    ctx = pipeline.get_context(config, run_id)
+    done = {r["revision"] for r in runs.read_history(ctx.store, run_id)}
+    if record.revision not in done:
+        ctx.store.append_jsonl(ctx.key("history.jsonl"), record.model_dump(mode="json"))
+    return record.revision
+
+
+@task(name="extended-finetune", **_io)
+def finalize(config: RunConfig, run_id: str, best: RevisionRecord) -> pipeline.FinalModel:
+    """Extended fine-tuning with KD + EMA of the selected revision (checkpointed to the store)."""
+    return pipeline.finalize(pipeline.get_context(config, run_id), best)
+
+
+@task(name="latency", **_io)
+def latency(config: RunConfig, run_id: str, final: pipeline.FinalModel):
+    """ONNX export + onnxruntime CPU and torch.compile GPU benchmark of original vs pruned."""
+    return pipeline.measure_latency(pipeline.get_context(config, run_id), final)
