@@ -167,6 +167,7 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
     if ctx.store.exists(ctx.key("baseline.json")):
         return ctx.baseline()
     cfg = ctx.config
+    torch.manual_seed(cfg.seed)  # a random-init model is reproducible from the seed
     if ctx.is_default_model:
         from pruning.default_model import DEFAULT_ARCH, DEFAULT_INPUT_SIZE, load_default_model
 
@@ -178,8 +179,6 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
                          checkpoint=Path(cfg.checkpoint) if cfg.checkpoint else None, input_size=cfg.input_size)
         model = load_model(spec)
     data = ctx.data(model)
-    if cfg.num_classes is None and not ctx.is_default_model and cfg.checkpoint is None and not cfg.pretrained:
-        pass  # a random-init model keeps its default head; the class check below explains a mismatch
     check_num_classes(data, model)
     size = int(data.input_size[-1])
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
