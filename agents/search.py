@@ -25,9 +25,9 @@ from pruning.solver import MacBand
 from .history import RevisionRecord, check_history, history_dataframe, plan_signature
 from .master import MasterAgent
 from .profiling import ProfileSummary
-from .safety import SafetyValidator, Verdict
+from .safety import SafetyValidator
 from .schemas import MasterGuidance
-from .strategists import HeuristicStrategist, Proposal, StrategiesExhausted, Strategist, StrategyContext
+from .strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
 
 log = logging.getLogger("agents.search")
 
@@ -48,6 +48,8 @@ class Measured(BaseModel):
     in_band: bool = False
     kind_ratios: dict[str, float] = Field(default_factory=dict)
     accuracy_before: float | None = Field(None, description="zero-shot accuracy (fraction), optional")
+    checkpoint_key: str | None = Field(None, description="stored pruned model (used when nothing is fine-tuned)")
+    checkpoint_sha256: str | None = None
     notes: list[str] = Field(default_factory=list, description="e.g. safety repairs made after solving")
     timings: dict[str, float] = Field(default_factory=dict)
     revision: int | None = Field(None, description="set by run_search before fine-tuning")
@@ -207,8 +209,9 @@ def run_search(
             predicted_macs=measured.predicted_macs, achieved_macs=measured.achieved_macs, params=measured.params,
             error_pct=measured.error_pct, in_band=measured.in_band, kind_ratios=measured.kind_ratios,
             accuracy_before=acc_before, accuracy_after=evaluated.accuracy_after if evaluated else None,
-            checkpoint_key=evaluated.checkpoint_key if evaluated else None,
-            checkpoint_sha256=evaluated.checkpoint_sha256 if evaluated else None,
+            checkpoint_key=(evaluated.checkpoint_key if evaluated and evaluated.checkpoint_key else measured.checkpoint_key),
+            checkpoint_sha256=(evaluated.checkpoint_sha256 if evaluated and evaluated.checkpoint_key
+                               else measured.checkpoint_sha256),
             timings={**timings, **{f"prune.{k}": v for k, v in measured.timings.items()},
                      **({f"finetune.{k}": v for k, v in evaluated.timings.items()} if evaluated else {})},
         )
@@ -239,6 +242,3 @@ def _seen(history: Sequence[RevisionRecord], profile: ProfileSummary) -> dict[st
                 out[s] = r.revision
     return out
 
-
-def verdict_summary(v: Verdict) -> str:
-    return f"{v.status}: " + "; ".join(v.reasons) if v.reasons else v.status

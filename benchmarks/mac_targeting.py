@@ -55,6 +55,10 @@ def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
                                       pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
                                       ignored_layers=[classifier(m)], num_heads=num_heads)
         pruner.step()
+        for attn in m.modules():  # as in Torch-Pruning's timm ViT example
+            if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
+                attn.num_heads = pruner.num_heads[attn.qkv]
+                attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         macs, _ = tp.utils.count_ops_and_params(m, example)
         times.append(time.perf_counter() - t)
         err = band.error_pct(macs)

@@ -11,6 +11,7 @@ inspected or vetoed before it is pruned.
 from __future__ import annotations
 
 import copy
+import math
 import re
 import warnings
 import types
@@ -461,7 +462,10 @@ class PruningSpace:
             if g.is_attention:
                 min_keep = min(g.channels, plan.min_head_dim)
             keep = self._round_keep(g.channels - d, g.channels, round_to) if d > 0 else g.channels
-            keep = max(keep, min_keep)
+            # rounding down must not break the per-layer cap: keep at least ceil((1-cap)*C), rounded up
+            cap_keep = math.ceil(g.channels * (1 - cap) - 1e-9)
+            cap_keep = min(g.channels, -(-cap_keep // round_to) * round_to)
+            keep = max(keep, min_keep, cap_keep)
             heads = 0
             if g.is_attention:
                 hm = plan.multiplier(g.stage, "head")

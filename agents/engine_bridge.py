@@ -1,0 +1,184 @@
+"""Ready-made ``run_search`` callbacks on top of the pruning engine (CLI and tests).
+
+``prune_and_measure(plan)``: PruningSpace.build (always from the ORIGINAL model, Algorithm 1 line 6)
+-> solve (MAC band) -> post-solve safety repair -> apply -> count_macs_params (re-verified MACs)
+-> optional zero-shot evaluation. ``finetune_and_evaluate(measured)``: optional inline fine-tuning
+of the pruned model, evaluation, optional checkpoint.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pruning.plan import PruningPlan
+from pruning.solver import InfeasibleTarget, MacBand, solve
+from pruning.space import PruningError, PruningSpace, count_macs_params
+
+from .profiling import ProfileSummary, build_profile
+from .safety import SafetyValidator, UnsafePlanError, solved_kind_ratios
+from .search import Evaluated, Measured
+
+Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
+Finetuner = Callable[[nn.Module], nn.Module]
+Checkpointer = Callable[[nn.Module, Measured], tuple[str, str]]  # -> (key, sha256)
+
+
+class EngineBridge:
+    """Holds the original model (never modified) and implements the search callbacks."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: torch.Tensor,
+        band: MacBand,
+        evaluator: Evaluator | None = None,
+        *,
+        finetune: Finetuner | None = None,
+        calibrated_model: nn.Module | None = None,
+        validator: SafetyValidator | None = None,
+        checkpoint: Checkpointer | None = None,
+        seed: int = 0,
+        evaluate_zero_shot: bool = True,
+    ):
+        self.model = model
+        self.example = example
+        self.band = band
+        self.evaluator = evaluator
+        self.finetune = finetune
+        self.calibrated_model = calibrated_model
+        self.validator = validator or SafetyValidator()
+        self.checkpoint = checkpoint
+        self.seed = seed
+        self.evaluate_zero_shot = evaluate_zero_shot
+        self._baseline: float | None = None
+        self._base_params: int | None = None
+        #: None when there is nothing to do after pruning (then zero-shot accuracy is A_r)
+        self.finetune_and_evaluate = self._finetune_and_evaluate if (finetune or checkpoint) else None
+
+    # -- profile / baseline ----------------------------------------------------------------------
+    def profile(self, *, model_name: str | None = None, dataset: str | None = None,
+                num_classes: int | None = None, plan: PruningPlan | None = None) -> ProfileSummary:
+        """Profiling Agent on the original model (an l2 space: no gradients needed)."""
+        plan = plan or PruningPlan(importance="l2")
+        space = PruningSpace.build(self.model, self.example, plan.model_copy(update={"importance": "l2"}), self.seed)
+        if self._base_params is None:
+            self._base_params = sum(p.numel() for p in self.model.parameters())
+        prof = build_profile(space, model_name=model_name, dataset=dataset, num_classes=num_classes,
+                             base_params=self._base_params, taylor_available=self.calibrated_model is not None)
+        prof.safe_ranges = self.validator.limits.ranges(prof)
+        return prof
+
+    def baseline_accuracy(self) -> float | None:
+        if self.evaluator is None:
+            return None
+        if self._baseline is None:
+            self._baseline = float(self.evaluator(self.model))
+        return self._baseline
+
+    # -- callbacks -------------------------------------------------------------------------------
+    def prune_and_measure(self, plan: PruningPlan) -> Measured:
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        src = self.model
+        if plan.importance == "taylor":
+            if self.calibrated_model is None:
+                return Measured(plan=plan, status="error", error="taylor importance needs a calibrated model copy")
+            src = self.calibrated_model
+        notes: list[str] = []
+        try:
+            space = PruningSpace.build(src, self.example, plan, self.seed)
+            timings["build"] = time.perf_counter() - t
+            t = time.perf_counter()
+            sol = solve(space, plan, self.band)
+            plan2, sol, notes = self.validator.repair_solution(space, plan, self.band, sol, solve)
+            timings["solve"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pruned = space.apply(sol.cuts())
+            macs, params = count_macs_params(pruned, self.example)
+            timings["apply"] = time.perf_counter() - t
+        except InfeasibleTarget as exc:
+            return Measured(plan=plan, status="infeasible", error=str(exc).splitlines()[0][:300], timings=timings)
+        except UnsafePlanError as exc:
+            return Measured(plan=plan, status="rejected", error=str(exc)[:300], timings=timings)
+        except PruningError as exc:
+            return Measured(plan=plan, status="error", error=str(exc).splitlines()[0][:300], timings=timings)
+        if abs(macs - sol.predicted_macs) > 0.5:
+            notes.append(f"MAC prediction {sol.predicted_macs:.0f} differs from the recount {macs:.0f}")
+        acc = None
+        if self.evaluator is not None and self.evaluate_zero_shot:
+            t = time.perf_counter()
+            acc = float(self.evaluator(pruned))
+            timings["eval"] = time.perf_counter() - t
+        return Measured(
+            plan=sol.plan, solver_ratio=sol.ratio, predicted_macs=float(sol.predicted_macs), achieved_macs=float(macs),
+            params=int(params), error_pct=self.band.error_pct(macs), in_band=self.band.contains(macs),
+            kind_ratios=solved_kind_ratios(space, sol), accuracy_before=acc, notes=notes, timings=timings,
+            model=pruned,
+        )
+
+    def _finetune_and_evaluate(self, measured: Measured) -> Evaluated:
+        model = measured.model
+        if model is None:
+            raise ValueError("measured result carries no pruned model")
+        timings: dict[str, float] = {}
+        if self.finetune is not None:
+            t = time.perf_counter()
+            model = self.finetune(model)
+            timings["finetune"] = time.perf_counter() - t
+        acc = None
+        if self.evaluator is not None and self.finetune is not None:
+            t = time.perf_counter()
+            acc = float(self.evaluator(model))
+            timings["eval"] = time.perf_counter() - t
+        key = sha = None
+        if self.checkpoint is not None:
+            t = time.perf_counter()
+            key, sha = self.checkpoint(model, measured)
+            timings["checkpoint"] = time.perf_counter() - t
+        return Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha, timings=timings)
+
+
+def engine_callbacks(model: nn.Module, example: torch.Tensor, band: MacBand, evaluator: Evaluator | None = None,
+                     **kwargs) -> EngineBridge:
+    """``bridge.prune_and_measure`` / ``bridge.finetune_and_evaluate`` (None without finetune/checkpoint)."""
+    return EngineBridge(model, example, band, evaluator, **kwargs)
+
+
+@torch.no_grad()
+def agreement_evaluator(reference: nn.Module, inputs: torch.Tensor) -> Evaluator:
+    """Cheap accuracy proxy: fraction of ``inputs`` on which a model's argmax matches ``reference``'s."""
+    reference.eval()
+    ref = reference(inputs).argmax(dim=1)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        try:
+            return float((model(inputs).argmax(dim=1) == ref).float().mean())
+        finally:
+            model.train(was)
+
+    return evaluate
+
+
+@torch.no_grad()
+def logit_similarity_evaluator(reference: nn.Module, inputs: torch.Tensor) -> Evaluator:
+    """Smoother proxy: mean cosine similarity (clipped at 0) between a model's and ``reference``'s logits."""
+    reference.eval()
+    ref = reference(inputs).float()
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        was = model.training
+        model.eval()
+        try:
+            out = model(inputs).float()
+            return float(torch.nn.functional.cosine_similarity(out, ref, dim=1).clamp(min=0).mean())
+        finally:
+            model.train(was)
+
+    return evaluate

@@ -1,0 +1,175 @@
+"""Profiling Agent (Section 3.2.1): the computational landscape of a model, for prompts and rules.
+
+Everything comes from a :class:`~pruning.space.PruningSpace` (DepGraph groups and the exact MAC
+model), so it is cheap: one MAC prediction per kind and per stage, no weights touched.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pruning.plan import PruningPlan
+from pruning.solver import MacBand
+from pruning.space import Cut, PruningSpace
+
+PROBE_FRACTION = 0.5  # MAC shares are measured by cutting this fraction of a kind's / stage's units
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts blocks.2 before blocks.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+class ProfileSummary(BaseModel):
+    """What the strategists and the validator know about the model (no tensors)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model_name: str | None = None
+    dataset: str | None = None
+    num_classes: int | None = None
+    input_size: int | None = None
+    family: str = Field(description="'cnn' or 'vit'")
+    base_macs: float
+    base_params: int | None = None
+    stages: list[str] = Field(description="stage names in network order")
+    kinds: list[str] = Field(description="group kinds present in this model")
+    group_count: int
+    groups_by_kind: dict[str, int] = Field(default_factory=dict)
+    groups_by_stage: dict[str, int] = Field(default_factory=dict)
+    min_channels_by_kind: dict[str, int] = Field(default_factory=dict, description="smallest prunable unit count per kind")
+    attention_head_dims: list[int] = Field(default_factory=list, description="head_dim of each attention group (ViT)")
+    mac_share_by_kind: dict[str, float] = Field(
+        default_factory=dict, description=f"fraction of base MACs removed by cutting {PROBE_FRACTION:.0%} of that kind's units"
+    )
+    mac_share_by_stage: dict[str, float] = Field(default_factory=dict)
+    layer_macs: dict[str, float] | None = Field(None, description="optional per-layer MACs supplied by the caller")
+    min_reachable_macs: float | None = Field(None, description="MACs with every group at the layer cap (uniform shape)")
+    taylor_available: bool = False
+    known_modules: list[str] = Field(default_factory=list, description="module names of the model (ignored_layers check)")
+    ignored_layers: list[str] = Field(default_factory=list, description="modules never pruned (stem, classifier, user's)")
+    safe_ranges: dict[str, list[float]] = Field(default_factory=dict)
+
+    @property
+    def first_stage(self) -> str | None:
+        return self.stages[0] if self.stages else None
+
+    @property
+    def last_stage(self) -> str | None:
+        return self.stages[-1] if self.stages else None
+
+    @property
+    def heaviest_stage(self) -> str | None:
+        if not self.mac_share_by_stage:
+            return self.last_stage
+        return max(self.stages, key=lambda s: (self.mac_share_by_stage.get(s, 0.0), -self.stages.index(s)))
+
+    def text(self, band: MacBand | None = None) -> str:
+        """Compact description for prompts (a few lines; no module lists)."""
+        g = 1e9
+        lines = []
+        name = self.model_name or "model"
+        extra = []
+        if self.input_size:
+            extra.append(f"input {self.input_size}x{self.input_size}")
+        if self.dataset:
+            extra.append(f"dataset {self.dataset}" + (f" ({self.num_classes} classes)" if self.num_classes else ""))
+        lines.append(f"Model: {name} (family {self.family}{', ' + ', '.join(extra) if extra else ''})")
+        params = f", {self.base_params / 1e6:.3g} M params" if self.base_params else ""
+        lines.append(f"Baseline MACs: {self.base_macs / g:.4g} G{params}")
+        if band is not None:
+            red = (1 - band.target_macs / self.base_macs) * 100
+            lines.append(
+                f"Target MACs: {band.target_macs / g:.4g} G (+{band.overshoot_pct:g}% / -{band.undershoot_pct:g}%), "
+                f"accepted range {band.lower / g:.4g}-{band.upper / g:.4g} G, MAC reduction needed {red:.1f}%"
+            )
+        lines.append(
+            f"Prunable groups: {self.group_count} (" + ", ".join(f"{k} {n}" for k, n in self.groups_by_kind.items()) + ")"
+        )
+        lines.append("Stages in order: " + ", ".join(self.stages))
+        if self.mac_share_by_kind:
+            lines.append(
+                f"MAC sensitivity by kind (share of baseline MACs removed by cutting {PROBE_FRACTION:.0%} of its units): "
+                + ", ".join(f"{k} {v:.1%}" for k, v in self.mac_share_by_kind.items())
+            )
+        if self.mac_share_by_stage:
+            lines.append("MAC sensitivity by stage: " + ", ".join(f"{k} {v:.1%}" for k, v in self.mac_share_by_stage.items()))
+        if self.attention_head_dims:
+            lines.append(f"Attention head_dim: {min(self.attention_head_dims)} (head_dim must stay >= 8)")
+        if self.min_reachable_macs is not None:
+            lines.append(f"Smallest MACs reachable with a uniform shape within the layer cap: {self.min_reachable_macs / g:.4g} G")
+        crit = ["l1norm", "l2norm", "random"] + (["taylor"] if self.taylor_available else [])
+        lines.append("Importance criteria available: " + ", ".join(crit)
+                     + ("" if self.taylor_available else " (taylor unavailable: no calibration gradients)"))
+        if self.safe_ranges:
+            lines.append("Safe ranges: " + "; ".join(f"{k} {v[0]:g}..{v[1]:g}" for k, v in self.safe_ranges.items()))
+        lines.append("Never pruned: the stem (first layer) and the classifier.")
+        return "\n".join(lines)
+
+
+def build_profile(
+    space: PruningSpace,
+    *,
+    model_name: str | None = None,
+    dataset: str | None = None,
+    num_classes: int | None = None,
+    input_size: int | None = None,
+    base_params: int | None = None,
+    taylor_available: bool = False,
+    layer_macs: dict[str, float] | None = None,
+    safe_ranges: dict[str, list[float]] | None = None,
+) -> ProfileSummary:
+    """Profile ``space`` (an unapplied space; nothing is pruned)."""
+    groups = space.groups
+    stages = sorted({g.stage for g in groups}, key=natural_key)
+    kinds = [k for k in ("internal", "residual", "mlp", "qkv", "head", "proj") if any(g.kind == k for g in groups)]
+    base = float(space.base_macs)
+
+    def share(selected) -> float:
+        alloc = {}
+        for g in selected:
+            d = int(g.channels * PROBE_FRACTION)
+            if g.is_attention:
+                d = min(d, max(0, g.channels - 1))
+            if d > 0:
+                alloc[g.index] = Cut(dims=d)
+        if not alloc:
+            return 0.0
+        return round(max(0.0, base - float(space.predict_macs(alloc))) / base, 4)
+
+    by_kind = {k: share([g for g in groups if g.kind == k]) for k in kinds}
+    by_stage = {s: share([g for g in groups if g.stage == s]) for s in stages}
+    min_ch: dict[str, int] = {}
+    for g in groups:
+        min_ch[g.kind] = min(min_ch.get(g.kind, g.channels), g.channels)
+    try:
+        probe = PruningPlan(importance="l2")
+        min_reach = float(space.max_reduction_macs(probe))
+    except Exception:  # noqa: BLE001 - informative only
+        min_reach = None
+    input_size = input_size or (int(space.example.shape[-1]) if getattr(space, "example", None) is not None else None)
+    summary = ProfileSummary(
+        model_name=model_name, dataset=dataset, num_classes=num_classes, input_size=input_size,
+        family=space.family, base_macs=base, base_params=base_params, stages=stages, kinds=kinds,
+        group_count=len(groups),
+        groups_by_kind={k: sum(1 for g in groups if g.kind == k) for k in kinds},
+        groups_by_stage={s: sum(1 for g in groups if g.stage == s) for s in stages},
+        min_channels_by_kind=min_ch,
+        attention_head_dims=[g.channels for g in groups if g.is_attention],
+        mac_share_by_kind=by_kind, mac_share_by_stage=by_stage, layer_macs=layer_macs,
+        min_reachable_macs=min_reach, taylor_available=taylor_available,
+        known_modules=[n for n, _ in space.model.named_modules() if n],
+        ignored_layers=list(getattr(space, "ignored_names", [])),
+        safe_ranges=safe_ranges or {},
+    )
+    if safe_ranges is None:  # the default validator limits for this dataset
+        from .safety import SafetyLimits
+
+        summary.safe_ranges = SafetyLimits.for_dataset(dataset).ranges(summary)
+    return summary
+
+
+def ordered_stages(stages: Sequence[str]) -> list[str]:
+    return sorted(stages, key=natural_key)

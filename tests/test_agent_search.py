@@ -1,0 +1,162 @@
+"""Full agent search on resnet18 (10 classes, 32x32) with the heuristic strategist and a cheap evaluator."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import timm
+import torch
+
+from agents.engine_bridge import engine_callbacks, logit_similarity_evaluator
+from agents.history import from_jsonl, history_dataframe, to_jsonl
+from agents.master import MasterAgent, MasterConfig
+from agents.safety import SafetyValidator
+from agents.search import SearchContext, run_search
+from agents.strategists import HeuristicStrategist
+from pruning.solver import MacBand
+from pruning.space import count_macs_params, example_input
+
+COMPARED = ("revision", "strategist_used", "move", "parent_revision", "verdict", "verdict_reasons", "plan", "status",
+            "solver_ratio", "achieved_macs", "params", "error_pct", "in_band", "accuracy_before", "collapsed")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).eval()
+    ex = example_input(32)
+    base, _ = count_macs_params(model, ex)
+    band = MacBand(target_macs=base * 0.6, overshoot_pct=5, undershoot_pct=15)
+    inputs = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    bridge = engine_callbacks(model, ex, band, logit_similarity_evaluator(model, inputs))
+    profile = bridge.profile(model_name="resnet18", dataset="cifar10", num_classes=10)
+    ctx = SearchContext(band=band, profile=profile, baseline_accuracy=bridge.baseline_accuracy(), seed=0)
+    return model, ex, band, bridge, ctx
+
+
+def make_master():
+    # the proxy "accuracy" of a random-init net is harsh; collapse = 20 points below the (perfect) baseline
+    return MasterAgent(MasterConfig(max_revisions=8, extra_revisions=4, collapse_drop=0.2))
+
+
+def counting(fn, calls):
+    def wrapped(plan):
+        calls.append(plan)
+        return fn(plan)
+
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def full_run(setup):
+    model, ex, band, bridge, ctx = setup
+    seen = []
+    res = run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(), bridge.prune_and_measure,
+                     bridge.finetune_and_evaluate, on_record=seen.append)
+    return res, seen
+
+
+def test_search_converges_and_selects_best_in_band(setup, full_run):
+    model, ex, band, bridge, ctx = setup
+    res, seen = full_run
+    h = res.history
+    assert [r.revision for r in h] == list(range(len(h))) and seen == h
+    assert ctx.baseline_accuracy == pytest.approx(1.0)
+    assert h[0].in_band and h[0].status == "ok" and h[0].move == "initial"  # first revision lands in band
+    assert 2 <= len(h) <= 8
+    assert ("two-phase search complete" in res.stop_reason or "MAC convergence" in res.stop_reason), res.stop_reason
+    # every achieved MAC count is re-counted on the pruned model and inside the band
+    for r in h:
+        assert r.status == "ok" and r.in_band and band.contains(r.achieved_macs)
+        assert r.verdict in ("accepted", "clamped") and r.accuracy_before is not None
+        assert abs(r.error_pct) < 5
+    # never the same plan twice
+    assert len({r.signature for r in h}) == len(h)
+    # best = highest accuracy among in-band candidates
+    cands = [r for r in h if r.is_candidate]
+    assert res.best_in_band and res.best.accuracy == max(r.accuracy for r in cands)
+    assert res.best_revision == res.best.revision
+    # the executed best plan really gives the recorded MACs (search independence: prune from the original)
+    from pruning.solver import solve
+    from pruning.space import PruningSpace
+
+    plan = res.best.plan
+    space = PruningSpace.build(model, ex, plan)
+    macs, _ = count_macs_params(space.apply(solve(space, plan, band).cuts()), ex)
+    assert macs == pytest.approx(res.best.achieved_macs)
+
+
+def test_history_roundtrip_and_table(full_run):
+    res, _ = full_run
+    buf = io.StringIO()
+    to_jsonl(res.history, buf)
+    back = from_jsonl(buf.getvalue())
+    assert [r.model_dump() for r in back] == [r.model_dump() for r in res.history]
+    df = history_dataframe(back)
+    assert len(df) == len(res.history) and {"revision", "error_pct", "in_band", "accuracy", "verdict"} <= set(df.columns)
+    assert df["in_band"].all()
+
+
+def test_resume_reproduces_the_same_result(setup, full_run, tmp_path):
+    model, ex, band, bridge, ctx = setup
+    full, _ = full_run
+    path = tmp_path / "history.jsonl"
+    to_jsonl(full.history[:2], path)
+    partial = from_jsonl(path)
+    calls, new_records = [], []
+    res = run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(),
+                     counting(bridge.prune_and_measure, calls), bridge.finetune_and_evaluate,
+                     on_record=new_records.append, resume_history=partial)
+    assert res.resumed_revisions == 2 and res.new_revisions == len(full.history) - 2
+    assert len(calls) == len(full.history) - 2  # finished revisions are never redone
+    assert [r.revision for r in new_records] == list(range(2, len(full.history)))
+    assert [r.model_dump(include=set(COMPARED)) for r in res.history] == [
+        r.model_dump(include=set(COMPARED)) for r in full.history]
+    assert res.best_revision == full.best_revision and res.stop_reason == full.stop_reason
+    # resuming a finished search does nothing
+    calls.clear()
+    done = run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(),
+                      counting(bridge.prune_and_measure, calls), resume_history=full.history)
+    assert calls == [] and done.new_revisions == 0 and done.best_revision == full.best_revision
+
+
+def test_resume_rejects_gaps(setup, full_run):
+    *_, ctx = setup
+    full, _ = full_run
+    with pytest.raises(ValueError, match="without gaps"):
+        run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(), lambda p: None,
+                   resume_history=[full.history[0], full.history[2]])
+
+
+def test_infeasible_target_is_recorded_not_crashing(setup):
+    model, ex, band, bridge, ctx = setup
+    tiny = MacBand(target_macs=ctx.profile.base_macs * 0.01, overshoot_pct=1, undershoot_pct=5)
+    b2 = engine_callbacks(model, ex, tiny)
+    ctx2 = ctx.model_copy(update={"band": tiny, "baseline_accuracy": None})
+    res = run_search(ctx2, HeuristicStrategist(), SafetyValidator(), MasterAgent(max_revisions=3),
+                     b2.prune_and_measure)
+    assert [r.status for r in res.history] == ["infeasible"] * 3
+    assert "feasible range" in res.history[0].error
+    assert not res.best_in_band and "maximum revisions" in res.stop_reason
+    moves = [r.move for r in res.history]
+    assert moves[:2] == ["initial", "uniform-shape"] and len(set(moves)) == 3  # phase 1 tries other shapes
+    g = MasterAgent().analyze(res.history, tiny, ctx2.profile)
+    assert g.stagnating and len(g.danger_zones) == 3
+
+
+def test_taylor_with_calibrated_copy(setup):
+    model, ex, band, _, ctx = setup
+    import copy
+
+    calib = copy.deepcopy(model)
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.nn.functional.cross_entropy(calib(x), torch.arange(8) % 10).backward()
+    b = engine_callbacks(model, ex, band, calibrated_model=calib)
+    prof = b.profile()
+    assert prof.taylor_available
+    ctx2 = ctx.model_copy(update={"profile": prof, "baseline_accuracy": None,
+                                  "base_plan": ctx.base_plan.model_copy(update={"importance": "taylor"})})
+    res = run_search(ctx2, HeuristicStrategist(), SafetyValidator(), MasterAgent(max_revisions=1), b.prune_and_measure)
+    r = res.history[0]
+    assert r.plan.importance == "taylor" and r.in_band and r.status == "ok"
+    assert all(p.grad is None for p in model.parameters())  # the original is untouched
