@@ -95,7 +95,7 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
 
         validator = SafetyValidator(dataset=config.data)
         master = MasterAgent(MasterConfig(max_revisions=config.max_revisions, extra_revisions=config.extra_revisions))
-        resume = [RevisionRecord(**r) for r in runs.read_history(ctx.store, run_id)]
+        resume = run_tasks.load_history(config, run_id)
         rows = [_row(r) for r in resume]
         progress_id = create_progress_artifact(progress=100.0 * len(resume) / config.max_revisions,
                                                key=_artifact_key(run_id, "progress"),
@@ -141,21 +141,21 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
                 create_table_artifact(table=frame.astype(object).where(frame.notna(), None).to_dict("records"),
                                       key=_artifact_key(run_id, "latency"),
                                       description="original vs pruned (paper Table 3 columns)")
-        summary = _write_summary(ctx, result, baseline, final, latency_md)
-        runs.write_status(ctx.store, run_id, state="completed" if final else "finished-without-candidate",
-                          best_revision=result.best_revision, stop_reason=result.stop_reason,
-                          test_accuracy=final.test_accuracy if final else None)
+        summary = _write_summary(config, ctx, result, baseline, final, latency_md)
+        run_tasks.set_status(config, run_id, state="completed" if final else "finished-without-candidate",
+                             best_revision=result.best_revision, stop_reason=result.stop_reason,
+                             test_accuracy=final.test_accuracy if final else None)
         return summary
     except BaseException as exc:
         try:
             runs.write_status(ctx.store, run_id, state="failed", error=str(exc).splitlines()[0][:300] if str(exc) else
                               type(exc).__name__)
-        except Exception:  # noqa: BLE001 - the store may be what failed
+        except Exception:  # noqa: BLE001 - the store may be what failed; status stays 'running', resume works
             pass
         raise
 
 
-def _write_summary(ctx, result, baseline, final, latency_md) -> RunSummary:
+def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSummary:
     best = result.best
     band = ctx.band()
     history = result.history
@@ -163,7 +163,7 @@ def _write_summary(ctx, result, baseline, final, latency_md) -> RunSummary:
                        [r.in_band for r in history], band.target_macs, band.lower, band.upper,
                        title=f"{ctx.run_id}: MACs per revision")
     plot_key = ctx.key("final/macs.png")
-    ctx.store.put_bytes(plot_key, png)
+    plot_url = run_tasks.put_bytes(config, ctx.run_id, "final/macs.png", png)
     lines = [
         f"# {ctx.run_id}",
         "",
@@ -181,12 +181,12 @@ def _write_summary(ctx, result, baseline, final, latency_md) -> RunSummary:
     lines += ["", "## Revisions", "", markdown_table([_row(r) for r in history])]
     if latency_md:
         lines += ["", "## Latency (original vs pruned)", "", latency_md]
-    lines += ["", f"MAC plot: {ctx.store.url_for(plot_key)}"]
+    lines += ["", f"MAC plot: {plot_url}"]
     text = "\n".join(lines)
     summary_key = ctx.key("final/summary.md")
-    ctx.store.put_bytes(summary_key, text.encode())
+    run_tasks.put_bytes(config, ctx.run_id, "final/summary.md", text.encode())
     create_markdown_artifact(markdown=text, key=_artifact_key(ctx.run_id, "summary"), description="run summary")
-    create_link_artifact(link=ctx.store.url_for(plot_key), link_text="MAC-vs-revision plot",
+    create_link_artifact(link=plot_url, link_text="MAC-vs-revision plot",
                          key=_artifact_key(ctx.run_id, "mac-plot"))
     return RunSummary(
         run_id=ctx.run_id, store=ctx.store.describe(), resumed_revisions=result.resumed_revisions,

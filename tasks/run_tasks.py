@@ -67,3 +67,24 @@ def finalize(config: RunConfig, run_id: str, best: RevisionRecord) -> pipeline.F
 def latency(config: RunConfig, run_id: str, final: pipeline.FinalModel):
     """ONNX export + onnxruntime CPU and torch.compile GPU benchmark of original vs pruned."""
     return pipeline.measure_latency(pipeline.get_context(config, run_id), final)
+
+
+@task(name="load-history", **_io)
+def load_history(config: RunConfig, run_id: str) -> list[RevisionRecord]:
+    """Revisions already persisted for this run (resume after preemption)."""
+    ctx = pipeline.get_context(config, run_id)
+    return [RevisionRecord(**r) for r in runs.read_history(ctx.store, run_id)]
+
+
+@task(name="write-status", **_io)
+def set_status(config: RunConfig, run_id: str, **fields) -> dict:
+    """Merge fields into the run's status.json."""
+    return runs.write_status(pipeline.get_context(config, run_id).store, run_id, **fields)
+
+
+@task(name="write-summary", **_io)
+def put_bytes(config: RunConfig, run_id: str, name: str, data: bytes) -> str:
+    """Store a report file of the run; returns its store URL."""
+    ctx = pipeline.get_context(config, run_id)
+    ctx.store.put_bytes(ctx.key(name), data)
+    return ctx.store.url_for(ctx.key(name))

@@ -162,3 +162,54 @@ def test_preemption_then_resume_matches_uninterrupted_run(tmp_path):
     strip = lambda rs: [(r["revision"], r["achieved_macs"], r["accuracy_after"], r["checkpoint_sha256"]) for r in rs]
     assert strip(history) == strip(reference)
     assert runs.read_status(store, run_id)["best_revision"] == runs.read_status(open_store(clean_store), run_id)["best_revision"]
+
+
+def test_storage_outage_retried_then_resume_after_long_outage(flow_fn, monkeypatch):
+    """A short S3 outage is absorbed by task retries; a long one fails the run clearly and resume completes it."""
+    import threading
+
+    from pruning.store import StoreError
+
+    with seaweed_s3() as s3:
+        for k, v in s3.env().items():
+            monkeypatch.setenv(k, v)
+        s3.create_bucket("prune")
+        cfg = RunConfig(store="s3://prune/outage", **{**QUICK, "max_revisions": 3, "extra_revisions": 1})
+        store = open_store(cfg.store)
+        outcome = {}
+
+        def run():
+            try:
+                outcome["summary"] = flow_fn(cfg)
+            except BaseException as exc:  # noqa: BLE001
+                outcome["error"] = exc
+
+        # 1) short outage right after the first revision is persisted: retries carry the run through
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.time() + 300
+        while time.time() < deadline and t.is_alive():
+            ids = [k.split("/")[1] for k in store.list("runs/") if k.endswith("history.jsonl")]
+            if ids and runs.read_history(store, ids[0]):
+                break
+            time.sleep(0.2)
+        s3.stop()
+        time.sleep(2.0)
+        s3.start()
+        t.join(600)
+        assert "error" not in outcome, outcome.get("error")
+        summary = outcome["summary"]
+        history = runs.read_history(store, summary.run_id)
+        assert [r["revision"] for r in history] == list(range(len(history)))
+
+        # 2) the store stays down: the run fails with a clear error; once it is back, the same run completes
+        cfg2 = cfg.model_copy(update={"run_id": "outage-long"})
+        s3.stop()
+        with pytest.raises(Exception) as info:
+            flow_fn(cfg2)
+        assert isinstance(info.value, StoreError) and "cannot reach" in str(info.value)
+        s3.start()
+        done = flow_fn(cfg2)
+        assert done.best_revision is not None
+        again = runs.read_history(store, "outage-long")
+        assert [r["revision"] for r in again] == list(range(len(again)))
