@@ -133,6 +133,13 @@ def cmd_solve(args) -> int:
 
     from pruning.units import fmt_macs
 
+    latency_ms = getattr(args, "target_latency_ms", None)
+    if (args.target_macs is None) == (latency_ms is None):
+        raise CliError("give exactly one of --target-macs and --target-latency-ms")
+    if latency_ms is not None:
+        return _solve_latency(args)
+    if args.round_to is None:
+        args.round_to = 8
     band = _band(args)
     plan = _plan(args)
     if plan.importance == "taylor":
@@ -167,6 +174,67 @@ def cmd_solve(args) -> int:
         if args.save:
             print(f"pruned model saved to {args.save}")
     return 0 if result.in_band else 1
+
+
+def _solve_latency(args) -> int:
+    """``solve --target-latency-ms``: search the plan scale on measured latency (pruning.latency_solver)."""
+    from pruning.checkpoint import make_bundle, save_bundle
+    from pruning.latency_solver import DEFAULT_ROUND_TO, prune_to_latency
+    from pruning.units import fmt_macs
+
+    if not args.target_latency_ms > 0:
+        raise CliError(f"--target-latency-ms must be positive, got {args.target_latency_ms}")
+    if args.batch_size < 1 or args.max_probes < 1 or args.latency_runs < 1:
+        raise CliError("--batch-size, --max-probes and --latency-runs must be >= 1")
+    if args.round_to is None:
+        args.round_to = DEFAULT_ROUND_TO[args.latency_backend]
+    plan = _plan(args)
+    if plan.importance == "taylor":
+        raise CliError("taylor importance needs calibration data; use 'agentic-pruner run --data ...' or pick l1/l2")
+    spec, model, size, example = _load(args)
+    t0 = time.perf_counter()
+    _log(f"solving for {args.target_latency_ms:g} ms median latency (+0% / -10%) at batch {args.batch_size} "
+         f"on {args.latency_backend}, round_to {plan.round_to}")
+    pruned, result, space = prune_to_latency(
+        model, example, plan, args.target_latency_ms, seed=args.seed, batch_size=args.batch_size,
+        backend=args.latency_backend, threads=args.threads, max_probes=args.max_probes, runs=args.latency_runs,
+        round_to=plan.round_to, log=lambda msg: _log(f"  {msg}"))
+    sol = result.solution
+    seconds = time.perf_counter() - t0
+    out = {
+        "model": spec.name, "input_size": size, "target_latency_ms": sol.target_ms,
+        "latency_band_ms": [round(sol.lower_ms, 4), sol.target_ms], "backend": sol.backend,
+        "batch_size": sol.batch_size, "threads": sol.threads, "device": sol.device,
+        "base_latency_ms": round(sol.base_median_ms, 4), "base_latency_p90_ms": round(sol.base_p90_ms, 4),
+        "achieved_latency_ms": round(sol.achieved_ms, 4), "achieved_latency_p90_ms": round(sol.achieved_p90_ms, 4),
+        "speedup": round(sol.speedup, 4), "met": sol.met, "in_band": sol.in_band,
+        "base_macs": sol.base_macs, "mac_target": sol.mac_target, "achieved_macs": result.achieved_macs,
+        "prediction_exact": result.prediction_exact, "base_params": result.base_params, "params": result.params,
+        "round_to": sol.round_to, "ratio": round(sol.ratio, 6), "measured_probes": sol.measured_probes,
+        "probes": [p.model_dump() for p in sol.probes], "real_prunes": len(sol.probes),  # one cut per measured candidate + the final one
+        "seconds": round(seconds, 3),
+    }
+    if args.save:
+        bundle = make_bundle(pruned, spec, sol.plan, space.pruning_history(), size,
+                             metrics={k: out[k] for k in ("achieved_macs", "params", "achieved_latency_ms",
+                                                          "target_latency_ms", "batch_size")},
+                             attention_heads=space.attention_heads())
+        save_bundle(bundle, args.save)
+        out["saved"] = str(args.save)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{spec.name}: {sol.base_median_ms:.2f} -> {sol.achieved_ms:.2f} ms median at batch {sol.batch_size} "
+              f"(budget {sol.target_ms:g} ms, {'in band' if sol.in_band else 'met, below band' if sol.met else 'NOT MET'}"
+              f", x{sol.speedup:.2f}), {fmt_macs(sol.base_macs)} -> {fmt_macs(result.achieved_macs)} MACs, "
+              f"params {result.base_params / 1e6:.2f} M -> {result.params / 1e6:.2f} M, "
+              f"{sol.measured_probes} measured probes, {seconds:.1f} s")
+        for p in sol.probes:
+            print(f"  probe {p.probe}: {fmt_macs(p.macs)} MACs, median {p.median_ms:.2f} ms, p90 {p.p90_ms:.2f} ms"
+                  f" ({p.runs} runs) {p.verdict}")
+        if args.save:
+            print(f"pruned model saved to {args.save}")
+    return 0 if sol.in_band else 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,10 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv-dir", type=Path, help="also write layers/stages/groups CSV tables here")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("solve", help="prune a model onto a MAC budget in one shot")
+    p = sub.add_parser("solve", help="prune a model onto a MAC budget in one shot (or a measured latency budget)")
     _add_model_args(p)
-    _add_band_args(p)
+    _add_band_args(p, required=False)
     _add_plan_args(p)
+    p.set_defaults(round_to=None)  # 8 for MAC targets; the backend's default for latency targets
+    lat = p.add_argument_group("latency target (instead of --target-macs)")
+    lat.add_argument("--target-latency-ms", type=float,
+                     help="measured median latency budget in ms at --batch-size (lands within +0%%/-10%%)")
+    lat.add_argument("--latency-backend", default="ort-cpu", choices=["ort-cpu"],
+                     help="where latency is measured: onnxruntime CPU on the exported ONNX model")
+    lat.add_argument("--batch-size", type=int, default=8, help="batch size the latency is measured at (default 8)")
+    lat.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all CPUs)")
+    lat.add_argument("--max-probes", type=int, default=8, help="measured candidates at most (default 8)")
+    lat.add_argument("--latency-runs", type=int, default=20, help="timed runs per measurement (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", type=Path, help="write the pruned-model bundle here")
     p.set_defaults(func=cmd_solve)
@@ -378,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Later modules (search, flows, latency) append ``register(subparsers)`` functions here.
-_EXTRA_COMMANDS: list = [_register_flow_commands]
+_EXTRA_COMMANDS: list = [_register_flow_commands, lambda sub: __import__("agentic_pruner.search_cli", fromlist=["register"]).register(sub)]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -411,6 +489,8 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the ephemeral API server needs more than Prefect's default 20 s on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,129 @@
+"""Prefect + storage overhead per revision: the same search run three ways.
+
+1. plain: ``agents.pipeline`` steps called directly from ``run_search`` (local store), no Prefect;
+2. prefect-local: the ``agentic_prune`` flow (Prefect ephemeral API) with a local store;
+3. prefect-s3: the flow with an S3 store served by SeaweedFS on loopback.
+
+Overhead per revision = (flow search time - plain search time) / revisions, where "search time" is the
+sum of revision wall times (first prune to last persisted record). Writes
+benchmarks/results/flow_overhead.csv and the table between the markers in benchmarks/README.md.
+Usage: python benchmarks/flow_overhead.py [--revisions 4]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent / "tests"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
+
+from agents import pipeline  # noqa: E402
+from agents.master import MasterAgent, MasterConfig  # noqa: E402
+from agents.run_config import RunConfig  # noqa: E402
+from agents.safety import SafetyValidator  # noqa: E402
+from agents.search import SearchContext, run_search  # noqa: E402
+from agents.strategists import HeuristicStrategist  # noqa: E402
+from pruning import runs  # noqa: E402
+from pruning.plan import PruningPlan  # noqa: E402
+from pruning.store import open_store  # noqa: E402
+
+from mac_targeting import update_readme  # noqa: E402
+
+
+def config(store: str, revisions: int) -> RunConfig:
+    return RunConfig(model="default", store=store, target_macs="50%", max_revisions=revisions,
+                     extra_revisions=revisions, inline_epochs=1, extended_epochs=0, latency=False, seed=0)
+
+
+def plain(cfg: RunConfig) -> tuple[float, int]:
+    info = pipeline.open_run(cfg)
+    ctx = pipeline.get_context(cfg, info.run_id)
+    baseline = pipeline.prepare_original(ctx)
+    profile = pipeline.profile_run(ctx)
+    validator = SafetyValidator(dataset=cfg.data)
+    master = MasterAgent(MasterConfig(max_revisions=cfg.max_revisions, extra_revisions=cfg.extra_revisions))
+    n = [0]
+
+    def on_record(r):
+        ctx.store.append_jsonl(ctx.key("history.jsonl"), r.model_dump(mode="json"))
+        n[0] += 1
+
+    context = SearchContext(band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=cfg.importance),
+                            baseline_accuracy=baseline.val_accuracy, seed=cfg.seed)
+    t = time.perf_counter()
+    run_search(context, HeuristicStrategist(), validator, master,
+               lambda plan: pipeline.prune_revision(ctx, plan, n[0], validator),
+               lambda m: pipeline.finetune_revision(ctx, m, m.revision), on_record)
+    return time.perf_counter() - t, n[0]
+
+
+def flow_search_seconds(cfg: RunConfig) -> tuple[float, int]:
+    """Run the flow end to end; return its wall time and the number of revisions it persisted."""
+    from flows.agentic_prune import agentic_prune
+
+    t0 = time.perf_counter()
+    summary = agentic_prune(cfg)
+    total = time.perf_counter() - t0
+    history = runs.read_history(open_store(cfg.store), summary.run_id)
+    return total, len(history)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--revisions", type=int, default=4)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm the default model cache and the data so every variant starts equal
+        pipeline.prepare_original(pipeline.get_context(config(f"{tmp}/warm", 1), "warm"))
+        secs, n = plain(config(f"{tmp}/plain", args.revisions))
+        rows.append({"variant": "plain (no Prefect), local store", "revisions": n, "search_s": round(secs, 2)})
+        print(rows[-1], flush=True)
+        # flow total includes flow start-up, baseline evaluation and profiling: measure those once with 1 revision
+        one, _ = flow_search_seconds(config(f"{tmp}/prefect1", 1))
+        total, n2 = flow_search_seconds(config(f"{tmp}/prefect", args.revisions))
+        rows.append({"variant": "Prefect flow, local store", "revisions": n2, "flow_total_s": round(total, 2),
+                     "flow_1rev_total_s": round(one, 2)})
+        print(rows[-1], flush=True)
+        try:
+            from s3_server import seaweed_s3
+
+            with seaweed_s3() as s3:
+                os.environ.update(s3.env())
+                s3.create_bucket("bench")
+                one_s3, _ = flow_search_seconds(config("s3://bench/one", 1))
+                total_s3, n3 = flow_search_seconds(config("s3://bench/full", args.revisions))
+                rows.append({"variant": "Prefect flow, S3 store (SeaweedFS)", "revisions": n3,
+                             "flow_total_s": round(total_s3, 2), "flow_1rev_total_s": round(one_s3, 2)})
+                print(rows[-1], flush=True)
+        except Exception as exc:  # noqa: BLE001 - report, don't hide
+            print(f"S3 variant skipped: {exc}", flush=True)
+    plain_per_rev = rows[0]["search_s"] / rows[0]["revisions"]
+    for r in rows[1:]:
+        # per-revision cost of the flow = (total with N revisions - total with 1) / (N - 1)
+        per_rev = (r["flow_total_s"] - r["flow_1rev_total_s"]) / max(1, r["revisions"] - 1)
+        r["per_revision_s"] = round(per_rev, 2)
+        r["overhead_per_revision_s"] = round(per_rev - plain_per_rev, 2)
+        r["overhead_pct"] = round(100 * (per_rev - plain_per_rev) / plain_per_rev, 1)
+    rows[0]["per_revision_s"] = round(plain_per_rev, 2)
+    df = pd.DataFrame(rows)
+    (ROOT / "results").mkdir(exist_ok=True)
+    df.to_csv(ROOT / "results" / "flow_overhead.csv", index=False)
+    cols = [c for c in ("variant", "revisions", "per_revision_s", "overhead_per_revision_s", "overhead_pct",
+                        "flow_total_s", "flow_1rev_total_s", "search_s") if c in df.columns]
+    table = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "\n".join(
+        "| " + " | ".join("" if pd.isna(r[c]) else str(r[c]) for c in cols) + " |" for _, r in df.iterrows())
+    update_readme(table, marker="flow_overhead")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
