@@ -171,7 +171,12 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
     if ctx.is_default_model:
         from pruning.default_model import DEFAULT_ARCH, DEFAULT_INPUT_SIZE, load_default_model
 
+        from pruning.default_model import default_cache_dir
+
+        log.info("loading the embedded default model (trained once on the digits train split and cached in %s; "
+                 "the first time takes about a minute)", cache_dir or default_cache_dir())
         model, info = load_default_model(cache_dir)
+        log.info("default model: test accuracy %s", info.get("test_acc", info.get("test_accuracy")))
         spec = ModelSpec(name=DEFAULT_ARCH, num_classes=int(info.get("num_classes", 10)),
                          input_size=DEFAULT_INPUT_SIZE)
     else:

@@ -114,11 +114,16 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
             create_table_artifact(table=rows, key=_artifact_key(run_id, "revisions"),
                                   description=f"revisions of {run_id}")
             update_progress_artifact(progress_id, progress=min(100.0, 100.0 * len(rows) / config.max_revisions))
-            log.info("revision %d [%s -> %s, %s]: %s MACs, error %s%%, in band %s, acc %s -> %s%s",
-                     record.revision, record.strategist_used, record.verdict, record.status,
-                     record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 3),
-                     record.in_band, record.accuracy_before, record.accuracy_after,
-                     f" (fallback: {record.fallback_reason})" if record.fallback_reason else "")
+            rationale = (record.strategy or {}).get("rationale") or record.move or ""
+            log.info("revision %d: master says %r; %s proposed %s; validator %s%s; %s: %s MACs (error %s%%, in band "
+                     "%s), val acc %s -> %s after inline fine-tuning%s", record.revision, record.guidance_action,
+                     record.strategist_used, rationale[:200] or "a plan", record.verdict,
+                     f" ({'; '.join(record.verdict_reasons)[:300]})" if record.verdict_reasons else "",
+                     record.status, record.achieved_macs,
+                     None if record.error_pct is None else round(record.error_pct, 3), record.in_band,
+                     None if record.accuracy_before is None else round(record.accuracy_before, 4),
+                     None if record.accuracy_after is None else round(record.accuracy_after, 4),
+                     f"; fallback: {record.fallback_reason}" if record.fallback_reason else "")
 
         strategist = _strategist(config)
         context = SearchContext(band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,

@@ -1,6 +1,6 @@
 """Where a pruning run keeps its artifacts in the store, and how to read them back.
 
-Layout under ``runs/<run_id>/``::
+Layout under ``<run_id>/`` in the store::
 
     config.json          the validated run configuration (no secrets)
     status.json          state (running / completed / failed), best revision, timestamps
@@ -22,7 +22,7 @@ from .store import ArtifactStore, KeyNotFound
 
 
 def run_prefix(run_id: str) -> str:
-    return f"runs/{run_id}"
+    return run_id
 
 
 def key(run_id: str, name: str) -> str:
@@ -73,7 +73,7 @@ def read_history(store: ArtifactStore, run_id: str) -> list[dict]:
 
 def list_runs(store: ArtifactStore) -> list[dict]:
     """One status dict per run found in the store, newest first."""
-    ids = sorted({k.split("/")[1] for k in store.list("runs/") if k.count("/") >= 2})
+    ids = sorted({k.split("/")[0] for k in store.list() if k.count("/") == 1 and k.endswith("/config.json")})
     rows = []
     for run_id in ids:
         status = read_status(store, run_id) or {"run_id": run_id, "state": "unknown"}

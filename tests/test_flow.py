@@ -88,7 +88,7 @@ def test_flow_on_s3_keeps_secrets_out(flow_fn, tmp_path, monkeypatch):
                                                        "latency": True, "latency_runs": 2})
         summary = flow_fn(cfg)
         store = open_store(cfg.store)
-        keys = store.list(f"runs/{summary.run_id}/")
+        keys = store.list(f"{summary.run_id}/")
         assert any(k.endswith("history.jsonl") for k in keys) and any(k.endswith("final/pruned.onnx") for k in keys)
         aws_secret = s3.credentials["aws_secret_access_key"]
         for k in keys:
@@ -132,7 +132,7 @@ def test_preemption_then_resume_matches_uninterrupted_run(tmp_path):
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            ids = [k.split("/")[1] for k in store.list("runs/") if k.endswith("history.jsonl")]
+            ids = [k.split("/")[0] for k in store.list() if k.endswith("/history.jsonl")]
             if ids and len(runs.read_history(store, ids[0])) >= 2:
                 run_id = ids[0]
                 break
@@ -189,7 +189,7 @@ def test_storage_outage_retried_then_resume_after_long_outage(flow_fn, monkeypat
         t.start()
         deadline = time.time() + 300
         while time.time() < deadline and t.is_alive():
-            ids = [k.split("/")[1] for k in store.list("runs/") if k.endswith("history.jsonl")]
+            ids = [k.split("/")[0] for k in store.list() if k.endswith("/history.jsonl")]
             if ids and runs.read_history(store, ids[0]):
                 break
             time.sleep(0.2)
