@@ -193,7 +193,7 @@ def history_dataframe(records: Sequence[RevisionRecord]):
             solver_ratio=r.solver_ratio, predicted_macs=r.predicted_macs, achieved_macs=r.achieved_macs,
             params=r.params, error_pct=r.error_pct, in_band=r.in_band, accuracy_before=r.accuracy_before,
             accuracy_after=r.accuracy_after, accuracy=r.accuracy, collapsed=r.collapsed,
-            checkpoint_key=r.checkpoint_key, seconds=round(sum(r.timings.values()), 4),
+            checkpoint_key=r.checkpoint_key, seconds=round(sum(v for k, v in r.timings.items() if "." not in k), 4),
         )
         for k, v in sorted(r.kind_ratios.items()):
             row[f"ratio_{k}"] = v

@@ -180,10 +180,14 @@ class HeuristicStrategist(Strategist):
                         round_to=base.round_to if base.round_to in self.limits.vit_round_to else 8,
                         min_head_dim=max(base.min_head_dim, self.limits.min_head_dim))
         else:
+            # Protect residual streams and the first stage, unless the budget is so tight that a protective
+            # shape cannot reach it (e.g. ConvNeXt-B at 1.12 G = 93 % reduction): then prune uniformly.
+            reduction = 1.0 - ctx.band.target_macs / p.base_macs
+            protect = 0.5 if reduction < 0.8 else 1.0
             kinds = {"internal": 1.0}
             if "residual" in p.kinds:
-                kinds["residual"] = 0.5
-            stages = {p.first_stage: 0.5} if p.first_stage and len(p.stages) > 1 else {}
+                kinds["residual"] = protect
+            stages = {p.first_stage: protect} if p.first_stage and len(p.stages) > 1 and protect < 1 else {}
             min_ch = min(p.min_channels_by_kind.values(), default=64)
             limit = max(1, min_ch // 2)
             rt = base.round_to if base.round_to <= limit else max(c for c in (1, 2, 4, 8, 16, 32) if c <= limit)

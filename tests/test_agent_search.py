@@ -139,7 +139,9 @@ def test_infeasible_target_is_recorded_not_crashing(setup):
     assert "feasible range" in res.history[0].error
     assert not res.best_in_band and "maximum revisions" in res.stop_reason
     moves = [r.move for r in res.history]
-    assert moves[:2] == ["initial", "uniform-shape"] and len(set(moves)) == 3  # phase 1 tries other shapes
+    # at a 99 % reduction the initial shape is already uniform; phase 1 then tries other distinct shapes
+    assert moves[0] == "initial" and len(set(moves)) == 3
+    assert res.history[0].plan.kind_multipliers.get("residual", 1.0) == 1.0
     g = MasterAgent().analyze(res.history, tiny, ctx2.profile)
     assert g.stagnating and len(g.danger_zones) == 3
 

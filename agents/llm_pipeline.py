@@ -1,0 +1,256 @@
+"""The steps of an LLM pruning run over an artifact store (plain Python, no Prefect).
+
+Store layout under the run's prefix (``pruning.runs.key(run_id, ...)``)::
+
+    config.json          LLMRunConfig (no secrets)
+    status.json          state, iteration, sparsity, perplexity, stop reason
+    model.json           model path, weights fingerprint, dense val/test perplexity (+ MCQ accuracy)
+    profile.json         the sensitivity profile (Wanda / gradient z-scores per layer)
+    history.jsonl        one IterationRecord per iteration (accepted and rolled back)
+    steps/iNNN.pt        removed flat indices + original values of every *accepted* step
+    final/summary.md     the run summary; final/layers.json: per-layer sparsity
+
+Resume: the original model is loaded again (its fingerprint must match ``model.json``), the accepted
+steps are replayed in order (their stored values are checked against the weights), and the loop
+continues at the next iteration. A step file is written before its history record, so a crash between
+the two leaves an orphan file that the re-run simply overwrites.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pruning import runs
+from pruning.llm.masks import PruneStep
+from pruning.llm.session import DataConfig, PruneSession
+from pruning.llm.tiny_model import TinyLMConfig
+from pruning.store import ArtifactStore, KeyNotFound, open_store
+
+from .llm_prune_agent import IterationRecord, LLMPruneConfig, LLMPruneStrategist, PruneStrategist, \
+    create_prune_strategist
+from .strategists import LLMConfig
+
+log = logging.getLogger("agents.llm_pipeline")
+
+__all__ = ["LLMRunConfig", "LLMRunInfo", "ModelInfo", "LLMRunContext", "get_context", "open_run", "prepare",
+           "persist_iteration", "make_strategist", "step_key", "drop_context"]
+
+
+class LLMRunConfig(BaseModel):
+    """Everything that defines an LLM pruning run (the flow's parameters, the CLI's flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(None, description="local HF causal-LM directory; None = embedded tiny Qwen3")
+    tiny: dict = Field(default_factory=dict, description="TinyLMConfig overrides for the embedded model")
+    target_sparsity: float = Field(0.45, gt=0, lt=0.95)
+    rollback_threshold: float = Field(0.10, gt=0)
+    max_iterations: int = Field(80, ge=1)
+    max_layer_sparsity: float = Field(0.9, gt=0, le=0.99)
+    nm: str | None = None
+    strategist: Literal["heuristic", "llm"] = "heuristic"
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_fallback: bool = True
+    seq_len: int | None = Field(None, ge=8, description="window length; None = the tiny model's (128)")
+    calib_sequences: int = Field(32, ge=1)
+    grad_sequences: int = Field(16, ge=1)
+    eval_tokens: int = Field(16384, ge=64)
+    text_file: str | None = Field(None, description="own text (blank-line separated documents)")
+    mcq_file: str | None = Field(None, description="MMLU-style JSONL evaluated before and after pruning")
+    mcq_limit: int | None = Field(None, ge=1)
+    save_dir: str | None = Field(None, description="save_pretrained the pruned model here at the end")
+    store: str = "runs"
+    run_id: str | None = None
+    seed: int = 0
+
+    def prune_config(self) -> LLMPruneConfig:
+        return LLMPruneConfig(target_sparsity=self.target_sparsity, rollback_threshold=self.rollback_threshold,
+                              max_iterations=self.max_iterations, max_layer_sparsity=self.max_layer_sparsity, nm=self.nm)
+
+    def tiny_config(self) -> TinyLMConfig:
+        return TinyLMConfig(**self.tiny)
+
+    def data_config(self) -> DataConfig:
+        seq = self.seq_len or (self.tiny_config().seq_len if self.model_path is None else 128)
+        return DataConfig(seq_len=seq, calib_sequences=self.calib_sequences, grad_sequences=self.grad_sequences,
+                          eval_tokens=self.eval_tokens, seed=self.seed, text_file=self.text_file)
+
+    def identity(self) -> dict:
+        return self.model_dump(exclude={"store", "run_id", "llm_fallback", "max_iterations", "save_dir",
+                                        "mcq_file", "mcq_limit"})
+
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        name = Path(self.model_path).name if self.model_path else "tiny-qwen3"
+        return runs.make_run_id({"kind": "llm", "model": name, "target": f"s{self.target_sparsity:g}",
+                                 "nm": self.nm.replace(":", "of") if self.nm else None,
+                                 "strategist": self.strategist}, self.identity())
+
+
+class LLMRunInfo(BaseModel):
+    run_id: str
+    store: str
+    resumed: bool
+    completed_iterations: int
+    state: str
+
+
+class ModelInfo(BaseModel):
+    model_path: str
+    fingerprint: str
+    total_params: int
+    prunable_params: int
+    layers: int
+    baseline_val_ppl: float
+    baseline_test_ppl: float
+    mcq_accuracy: float | None = None
+    tiny_training: dict | None = None
+
+
+class LLMRunContext:
+    """Process-local: the store and the loaded session (model + masks) of one run."""
+
+    def __init__(self, config: LLMRunConfig, run_id: str):
+        self.config, self.run_id = config, run_id
+        self.store: ArtifactStore = open_store(config.store)
+        self.session: PruneSession | None = None
+        self.model_info: ModelInfo | None = None
+        self.history: list[IterationRecord] = []
+
+    def key(self, name: str) -> str:
+        return runs.key(self.run_id, name)
+
+
+_CONTEXTS: dict[str, LLMRunContext] = {}
+
+
+def get_context(config: LLMRunConfig, run_id: str) -> LLMRunContext:
+    ctx = _CONTEXTS.get(run_id)
+    if ctx is None or ctx.config != config:
+        ctx = _CONTEXTS[run_id] = LLMRunContext(config, run_id)
+    return ctx
+
+
+def drop_context(run_id: str) -> None:
+    _CONTEXTS.pop(run_id, None)
+
+
+def step_key(run_id: str, iteration: int) -> str:
+    return runs.key(run_id, f"steps/i{iteration:04d}.pt")
+
+
+def open_run(config: LLMRunConfig) -> LLMRunInfo:
+    """Check the store; create the run or find it for resuming (config.json must then match)."""
+    run_id = config.resolved_run_id()
+    store = open_store(config.store)
+    store.check()
+    drop_context(run_id)  # a fresh process view: the model is (re)loaded and the steps replayed
+    status = runs.read_status(store, run_id)
+    done = len(runs.read_history(store, run_id))
+    if status is None:
+        store.put_json(runs.key(run_id, "config.json"), config.model_dump(mode="json"))
+        status = runs.write_status(store, run_id, kind="llm", state="running", iteration=0)
+    else:
+        stored = store.get_json(runs.key(run_id, "config.json"))
+        old = LLMRunConfig(**{**stored, "store": config.store, "run_id": config.run_id})
+        if old.identity() != config.identity():
+            diff = sorted(k for k, v in config.identity().items() if old.identity().get(k) != v)
+            raise ValueError(f"run '{run_id}' exists with a different configuration ({', '.join(diff)}); "
+                             f"use another --run-id")
+        store.put_json(runs.key(run_id, "config.json"), config.model_dump(mode="json"))
+        status = runs.write_status(store, run_id, state="running")
+    return LLMRunInfo(run_id=run_id, store=store.describe(), resumed=done > 0, completed_iterations=done,
+                      state=status.get("state", "running"))
+
+
+def _load_session(config: LLMRunConfig) -> PruneSession:
+    if config.model_path:
+        return PruneSession.from_model_path(config.model_path, config.data_config())
+    return PruneSession.embedded(config.tiny_config(), config.data_config())
+
+
+def prepare(config: LLMRunConfig, run_id: str) -> ModelInfo:
+    """Load the model, compute the profile on the dense weights, measure (or read) the baseline, and replay
+    the accepted steps already persisted. Idempotent within a process."""
+    ctx = get_context(config, run_id)
+    if ctx.session is not None and ctx.model_info is not None:
+        return ctx.model_info
+    sess = _load_session(config)
+    profile = sess.compute_stats()  # dense model: Wanda norms + gradient scores
+    try:
+        info = ModelInfo(**ctx.store.get_json(ctx.key("model.json")))
+        if info.fingerprint != sess.fingerprint:
+            raise ValueError(f"model weights changed since run '{run_id}' started (fingerprint {sess.fingerprint} "
+                             f"!= stored {info.fingerprint}); start a new run")
+    except KeyNotFound:
+        mcq = None
+        if config.mcq_file:
+            from pruning.llm.mcq import evaluate_mcq, load_mcq
+
+            mcq = evaluate_mcq(sess.model, sess.tokenizer, load_mcq(config.mcq_file, config.mcq_limit)).accuracy
+        info = ModelInfo(model_path=sess.model_path or "", fingerprint=sess.fingerprint,
+                         total_params=sum(p.numel() for p in sess.model.parameters()),
+                         prunable_params=sess.mm.total_params, layers=len(sess.layers),
+                         baseline_val_ppl=sess.val_ppl(), baseline_test_ppl=sess.test_ppl(), mcq_accuracy=mcq,
+                         tiny_training={k: sess.info.get(k) for k in ("key", "random_init_ppl", "trained_ppl",
+                                                                      "train_seconds", "params")} if sess.info else None)
+        ctx.store.put_json(ctx.key("model.json"), info.model_dump(mode="json"))
+    if not ctx.store.exists(ctx.key("profile.json")):
+        ctx.store.put_json(ctx.key("profile.json"), profile.model_dump(mode="json"))
+    history = [IterationRecord(**r) for r in runs.read_history(ctx.store, run_id)]
+    for rec in history:
+        if not rec.accepted:
+            continue
+        if not rec.step_key:
+            raise ValueError(f"iteration {rec.iteration} was accepted but has no persisted step")
+        step = PruneStep.from_state(ctx.store.get_torch(rec.step_key))
+        sess.mm.replay(step)
+    if history and abs(sess.mm.overall_sparsity() - history[-1].sparsity) > 1e-9:
+        raise ValueError(f"replayed sparsity {sess.mm.overall_sparsity():.6f} != recorded {history[-1].sparsity:.6f}")
+    ctx.session, ctx.model_info, ctx.history = sess, info, history
+    return info
+
+
+def persist_iteration(config: LLMRunConfig, run_id: str, record: IterationRecord, step: PruneStep | None) -> IterationRecord:
+    """Write the kept step (if any), then append the record (idempotent per iteration) and update status."""
+    ctx = get_context(config, run_id)
+    if step is not None:
+        key = step_key(run_id, record.iteration)
+        ctx.store.put_torch(key, step.to_state())
+        record = record.model_copy(update={"step_key": key})
+    done = {r["iteration"] for r in runs.read_history(ctx.store, run_id)}
+    if record.iteration not in done:
+        ctx.store.append_jsonl(ctx.key("history.jsonl"), record.model_dump(mode="json"))
+    runs.write_status(ctx.store, run_id, iteration=record.iteration + 1, sparsity=record.sparsity,
+                      val_ppl=record.ppl_after if record.accepted else record.ppl_before)
+    return record
+
+
+def make_strategist(config: LLMRunConfig) -> PruneStrategist:
+    if config.strategist == "llm":
+        llm = LLMConfig(**{k: v for k, v in {"base_url": config.llm_base_url, "model": config.llm_model}.items() if v})
+        strat = create_prune_strategist("llm", llm_config=llm, fallback=config.llm_fallback)
+        assert isinstance(strat, LLMPruneStrategist)
+        strat.check()
+        return strat
+    return create_prune_strategist("heuristic")
+
+
+def save_pruned(ctx: LLMRunContext, directory: str | os.PathLike[str]) -> str:
+    """``save_pretrained`` the pruned model (zeros in place) plus its tokenizer when it is a byte tokenizer."""
+    sess = ctx.session
+    assert sess is not None
+    path = Path(directory).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    sess.model.save_pretrained(str(path))
+    if hasattr(sess.tokenizer, "save"):
+        sess.tokenizer.save(path)
+    elif hasattr(sess.tokenizer, "tok"):
+        sess.tokenizer.tok.save_pretrained(str(path))
+    return str(path)

@@ -1,0 +1,663 @@
+"""Agent-guided iterative pruning of a causal LM ("LLMs can Compress LLMs", adapted).
+
+Each iteration the strategist sees the sensitivity profile (Wanda and gradient z-scores per prunable
+linear), the current per-layer sparsities and the history of its own decisions with their outcomes
+(self-reflection), and answers a :class:`PruneDecision`: which layers to prune further and by how much.
+The loop applies it (Wanda, per output row, incremental masks), measures validation perplexity and rolls
+the step back *exactly* (stored removed values) when perplexity rose by more than
+``rollback_threshold`` relative to the last accepted state; the next prompt says why. It stops when the
+overall sparsity of the prunable linears reaches the target.
+
+Strategists (same pattern as :mod:`agents.strategists`):
+
+* ``heuristic`` (:class:`HeuristicPruneStrategist`, deterministic, offline default);
+* ``llm`` (:class:`LLMPruneStrategist`, any OpenAI-compatible endpoint configured by
+  :class:`agents.strategists.LLMConfig`); replies are parsed as JSON and validated, never executed;
+  invalid replies are re-asked with the validation error, then the heuristic answers and the reason is
+  recorded in the iteration record (``fallback_reason``).
+
+Plain Python: :class:`PruneAgentLoop` exposes ``propose`` / ``execute`` so a flow can wrap each in a
+task, and :func:`run_prune_agent` runs the whole loop with ``on_record`` callbacks.
+"""
+from __future__ import annotations
+
+import abc
+import json
+import logging
+import math
+import time
+from typing import Any, Callable, ClassVar, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pruning.llm.masks import PruneStep
+from pruning.llm.session import PruneSession
+from pruning.llm.stats import SensitivityProfile
+from pruning.llm.wanda import parse_nm, row_count, select_prune_indices, wanda_scores
+
+from .history import truncate
+from .schemas import extract_json, format_validation_error
+from .strategists import LLMConfig, LLMStrategist
+
+log = logging.getLogger("agents.llm_prune_agent")
+
+__all__ = [
+    "LayerIncrease", "PruneDecision", "LLMPruneConfig", "IterationRecord", "AgentState", "PruneProposal",
+    "PruneStrategist", "HeuristicPruneStrategist", "LLMPruneStrategist", "create_prune_strategist",
+    "PruneAgentLoop", "AgentResult", "run_prune_agent", "history_jsonl", "read_history_jsonl",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Schemas
+# ------------------------------------------------------------------------------------------------
+class LayerIncrease(BaseModel):
+    """Raise one layer's sparsity by ``increase`` (absolute: 0.05 = five more percent of its weights)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    layer: str = Field(description="layer name from the profile, e.g. '0.q_proj'")
+    increase: float = Field(gt=0.0, le=0.5, description="added sparsity of this layer, in (0, 0.5]")
+
+    @field_validator("increase", mode="before")
+    @classmethod
+    def _number(cls, v):
+        if isinstance(v, str):
+            s = v.strip().rstrip("%")
+            try:
+                x = float(s)
+            except ValueError:
+                return v
+            return x / 100 if v.strip().endswith("%") else x
+        return v
+
+
+class PruneDecision(BaseModel):
+    """A strategist's answer for one iteration."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    layers: list[LayerIncrease] = Field(min_length=1, max_length=256)
+    rationale: str = ""
+
+    @field_validator("layers")
+    @classmethod
+    def _unique(cls, v: list[LayerIncrease]) -> list[LayerIncrease]:
+        names = [x.layer for x in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"each layer at most once, duplicated: {dup}")
+        return v
+
+
+class LLMPruneConfig(BaseModel):
+    """Loop settings (validated)."""
+
+    target_sparsity: float = Field(0.45, gt=0.0, lt=0.95, description="overall sparsity of the prunable linears")
+    rollback_threshold: float = Field(0.10, gt=0.0, description="max relative validation-perplexity rise per step")
+    max_iterations: int = Field(80, ge=1)
+    max_layer_sparsity: float = Field(0.9, gt=0.0, le=0.99)
+    tolerance: float = Field(5e-4, ge=0.0, description="target reached when overall >= target - tolerance")
+    nm: str | None = Field(None, description="N:M pattern, e.g. '2:4': a pruned layer becomes exactly N:M")
+    history_rows: int = Field(30, ge=1, description="past iterations shown to the LLM")
+
+    @field_validator("nm")
+    @classmethod
+    def _nm(cls, v):
+        parse_nm(v)
+        return v
+
+    def model_post_init(self, _ctx) -> None:
+        nm = parse_nm(self.nm)
+        if nm is not None and self.target_sparsity > nm[0] / nm[1] + 1e-9:
+            raise ValueError(f"target sparsity {self.target_sparsity} exceeds what {self.nm} allows ({nm[0] / nm[1]:g})")
+        if self.target_sparsity > self.max_layer_sparsity:
+            raise ValueError("target_sparsity exceeds max_layer_sparsity")
+
+
+class IterationRecord(BaseModel):
+    """One iteration: the decision, what was applied, perplexity before/after and the verdict."""
+
+    iteration: int
+    strategist: str
+    requested: list[LayerIncrease] = Field(default_factory=list)
+    applied: dict[str, float] = Field(default_factory=dict, description="layer -> new sparsity tried")
+    rationale: str = ""
+    fallback_reason: str | None = None
+    raw_reply: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    sparsity_before: float
+    sparsity_after: float = Field(description="overall sparsity after the step (before any rollback)")
+    removed: int = 0
+    ppl_before: float
+    ppl_after: float | None = None
+    degradation: float | None = Field(None, description="ppl_after / ppl_before - 1")
+    accepted: bool
+    rolled_back: bool = False
+    reason: str
+    sparsity: float = Field(description="overall sparsity at the end of the iteration (after any rollback)")
+    layer_sparsities: dict[str, float] = Field(default_factory=dict)
+    step_key: str | None = None
+    propose_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.applied)
+
+
+class AgentState(BaseModel):
+    """What a strategist sees (it must not mutate it)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    iteration: int
+    config: LLMPruneConfig
+    profile: SensitivityProfile
+    layer_sparsities: dict[str, float]
+    overall_sparsity: float
+    baseline_ppl: float
+    current_ppl: float
+    history: list[IterationRecord] = Field(default_factory=list)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.config.target_sparsity - self.overall_sparsity)
+
+    @property
+    def total_params(self) -> int:
+        return sum(l.params for l in self.profile.layers)
+
+    def consecutive_rollbacks(self) -> int:
+        n = 0
+        for r in reversed(self.history):
+            if r.accepted:
+                break
+            n += 1
+        return n
+
+
+class PruneProposal(BaseModel):
+    decision: PruneDecision
+    strategist: str
+    raw_reply: str | None = None
+    fallback_reason: str | None = None
+    notes: list[str] = Field(default_factory=list)
+    attempts: int = 0
+    seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Strategists
+# ------------------------------------------------------------------------------------------------
+class PruneStrategist(abc.ABC):
+    name: ClassVar[str] = "base"
+
+    def check(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    def propose(self, state: AgentState) -> PruneProposal: ...
+
+
+def _eligible(state: AgentState) -> list[str]:
+    cap = state.config.max_layer_sparsity
+    nm = parse_nm(state.config.nm)
+    if nm is not None:
+        cap = min(cap, nm[0] / nm[1])
+    return [l.name for l in state.profile.layers if state.layer_sparsities.get(l.name, 0.0) < cap - 1e-6]
+
+
+class HeuristicPruneStrategist(PruneStrategist):
+    """Deterministic strategist: profile-guided allocation, corrected by the outcomes of past steps.
+
+    1. *Desired allocation*: ``s*_l = target - spread * z_l`` with ``z_l`` the combined z-score (clipped
+       to +-2.5) plus a per-layer penalty learned from history, shifted so the parameter-weighted mean is
+       the target (bisection) and clamped to ``[0, max_layer_sparsity]``. Important layers (high z) end
+       up less sparse than unimportant ones.
+    2. *Self-reflection*: every layer of a rolled-back step gets ``+rollback_penalty`` and is skipped for
+       ``cooldown`` iterations; an accepted step whose cost (log-perplexity rise per point of overall
+       sparsity) exceeds 1.5x the running mean adds ``+cost_penalty`` to its layers, one below 0.67x
+       removes it (floor -1).
+    3. *Step*: the ``k`` layers furthest below their desired sparsity get ``min(gap, step)``; the step
+       halves after each consecutive rollback and shrinks near the target (``<= 2 x remaining``).
+    """
+
+    name = "heuristic"
+
+    def __init__(self, *, spread: float = 0.06, step: float = 0.08, min_step: float = 0.01,
+                 layers_fraction: float = 0.25, rollback_penalty: float = 0.75, cost_penalty: float = 0.25,
+                 cooldown: int = 2, z_clip: float = 2.5):
+        self.spread, self.step, self.min_step = spread, step, min_step
+        self.layers_fraction, self.rollback_penalty, self.cost_penalty = layers_fraction, rollback_penalty, cost_penalty
+        self.cooldown, self.z_clip = cooldown, z_clip
+
+    # -- reflection -------------------------------------------------------------------------------
+    def penalties(self, history: Sequence[IterationRecord]) -> dict[str, float]:
+        adj: dict[str, float] = {}
+        mean_cost: float | None = None
+        for r in history:
+            if not r.applied:
+                continue
+            if r.rolled_back:
+                for n in r.applied:
+                    adj[n] = adj.get(n, 0.0) + self.rollback_penalty
+                continue
+            if not r.accepted or r.ppl_after is None or r.sparsity_after <= r.sparsity_before:
+                continue
+            cost = math.log(max(r.ppl_after, 1e-12) / max(r.ppl_before, 1e-12)) / (
+                100 * (r.sparsity_after - r.sparsity_before))
+            if mean_cost is not None and mean_cost > 0:
+                if cost > 1.5 * mean_cost:
+                    for n in r.applied:
+                        adj[n] = adj.get(n, 0.0) + self.cost_penalty
+                elif cost < 0.67 * mean_cost:
+                    for n in r.applied:
+                        adj[n] = max(-1.0, adj.get(n, 0.0) - self.cost_penalty)
+            mean_cost = cost if mean_cost is None else 0.7 * mean_cost + 0.3 * max(cost, 0.0)
+        return adj
+
+    def desired(self, state: AgentState, adj: dict[str, float] | None = None) -> dict[str, float]:
+        adj = adj if adj is not None else self.penalties(state.history)
+        cap = state.config.max_layer_sparsity
+        target = state.config.target_sparsity
+        layers = state.profile.layers
+        raw = {l.name: target - self.spread * (max(-self.z_clip, min(self.z_clip, l.z_combined)) + adj.get(l.name, 0.0))
+               for l in layers}
+        total = sum(l.params for l in layers)
+
+        def alloc(shift: float) -> dict[str, float]:
+            return {n: min(cap, max(0.0, v + shift)) for n, v in raw.items()}
+
+        def mean(a: dict[str, float]) -> float:
+            return sum(a[l.name] * l.params for l in layers) / total
+
+        lo, hi = -1.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if mean(alloc(mid)) < target:
+                lo = mid
+            else:
+                hi = mid
+        return alloc(hi)
+
+    # -- proposal ---------------------------------------------------------------------------------
+    def propose(self, state: AgentState) -> PruneProposal:
+        t0 = time.perf_counter()
+        adj = self.penalties(state.history)
+        want = self.desired(state, adj)
+        eligible = _eligible(state)
+        cur = state.layer_sparsities
+        recent_bad: set[str] = set()
+        for r in state.history[-self.cooldown:] if self.cooldown else []:
+            if r.rolled_back:
+                recent_bad.update(r.applied)
+        step = self.step * (0.5 ** state.consecutive_rollbacks())
+        step = max(self.min_step, min(step, 2 * state.remaining if state.remaining > 0 else step))
+        k = max(1, math.ceil(self.layers_fraction * len(state.profile.layers)))
+        gaps = sorted(((want[n] - cur.get(n, 0.0), n) for n in eligible), key=lambda t: (-t[0], t[1]))
+        picks = [(g, n) for g, n in gaps if g > 1e-3 and n not in recent_bad][:k]
+        notes = []
+        if not picks:  # allocation met (rounding) or everything cooling down: least important eligible layers
+            z = {l.name: l.z_combined + adj.get(l.name, 0.0) for l in state.profile.layers}
+            order = sorted(eligible, key=lambda n: (n in recent_bad, z[n], n))
+            picks = [(step, n) for n in order[:k]]
+            notes.append("desired allocation met: least important eligible layers")
+        items = [LayerIncrease(layer=n, increase=round(min(max(g, self.min_step), step), 4)) for g, n in picks]
+        why = (f"step {step:.3f}: layers furthest below their desired sparsity (target {state.config.target_sparsity:.2f}"
+               f" - {self.spread} x combined z, reflection penalties {len([v for v in adj.values() if v])})")
+        if recent_bad:
+            why += f"; cooling down after rollback: {sorted(recent_bad)}"
+        return PruneProposal(decision=PruneDecision(layers=items, rationale=why), strategist=self.name, notes=notes,
+                             seconds=time.perf_counter() - t0)
+
+
+PRUNE_SYSTEM = """You are a pruning agent compressing a causal language model without retraining.
+Each iteration you choose which linear layers to prune further (unstructured, Wanda: |W| x ||X||, per output
+row) and by how much. After the step the validation perplexity is measured; if it rose by more than
+{threshold:.0%} relative to the last accepted state, the step is rolled back exactly and you are told.
+The goal is to reach overall sparsity {target:.1%} (fraction of zeroed weights over all listed layers) with
+the lowest final perplexity.
+
+Sensitivity profile: for each layer, z-scores across layers of the Wanda score (z_wanda) and of the
+gradient importance mean |W * dL/dW| (z_grad); z_comb combines them. HIGH z = important: prune it less.
+outlier = fraction of weights with Wanda score > 5x the layer mean (outlier-rich layers are fragile).
+Use the history (self-reflection): avoid repeating steps that were rolled back; prefer smaller steps on
+layers whose steps were costly; take smaller steps near the target.
+
+Rules: layer names must come from the profile; "increase" is the absolute added sparsity of that layer,
+0 < increase <= 0.5; a layer's sparsity never exceeds {cap:.2f}; list each layer at most once.{nm_note}
+
+Answer with ONLY one JSON object:
+{{"layers": [{{"layer": "<name>", "increase": 0.05}}, ...], "rationale": "<one or two sentences>"}}"""
+
+
+def prune_user_prompt(state: AgentState, history_rows: int = 30) -> str:
+    cur = state.layer_sparsities
+    rows = ["layer | params | z_wanda | z_grad | z_comb | outlier | sparsity"]
+    for l in state.profile.layers:
+        rows.append(f"{l.name} | {l.params} | {l.z_wanda:+.2f} | {l.z_grad:+.2f} | {l.z_combined:+.2f} | "
+                    f"{l.outlier_ratio:.4f} | {cur.get(l.name, 0.0):.3f}")
+    hist = ["iter | layers (+increase) | overall before->after | ppl before->after | verdict"]
+    for r in state.history[-history_rows:]:
+        inc = ", ".join(f"{x.layer}+{x.increase:.3f}" for x in r.requested) or "-"
+        ppl_after = "n/a" if r.ppl_after is None else f"{r.ppl_after:.3f}"
+        hist.append(f"{r.iteration} | {inc} | {r.sparsity_before:.4f}->{r.sparsity_after:.4f} | "
+                    f"{r.ppl_before:.3f}->{ppl_after} | {r.reason}")
+    last = state.history[-1] if state.history else None
+    feedback = ""
+    if last is not None and last.rolled_back:
+        feedback = (f"\nLAST STEP WAS ROLLED BACK: {last.reason}. Choose different layers or smaller increases.")
+    return (f"Iteration {state.iteration}. Target overall sparsity {state.config.target_sparsity:.4f}; current "
+            f"{state.overall_sparsity:.4f} (remaining {state.remaining:.4f} = about "
+            f"{int(state.remaining * state.total_params)} weights). Baseline perplexity {state.baseline_ppl:.3f}, "
+            f"current {state.current_ppl:.3f}.{feedback}\n\nProfile and current sparsity:\n" + "\n".join(rows)
+            + "\n\nHistory of your decisions and their outcomes:\n"
+            + ("\n".join(hist) if state.history else "(none yet)") + "\n\nReturn the JSON decision.")
+
+
+class LLMPruneStrategist(LLMStrategist):
+    """LLM prune agent over the OpenAI chat-completions protocol (reuses the client, startup check,
+    redaction and retry settings of :class:`agents.strategists.LLMStrategist`)."""
+
+    name = "llm"
+
+    def __init__(self, config: LLMConfig | None = None, *, fallback: bool | None = None,
+                 fallback_strategist: PruneStrategist | None = None, **config_overrides: Any):
+        super().__init__(config, fallback=fallback, fallback_strategist=fallback_strategist or HeuristicPruneStrategist(),
+                         **config_overrides)
+
+    def _prune_fallback(self, state: AgentState, reason: str, raw: list[str], notes: list[str], attempts: int,
+                        t0: float) -> PruneProposal:
+        log.warning("iteration %d: LLM prune agent falls back to heuristic: %s", state.iteration, reason)
+        prop = self.fallback_strategist.propose(state)
+        return prop.model_copy(update={
+            "fallback_reason": reason, "raw_reply": self._redact(truncate("\n---\n".join(raw))) if raw else None,
+            "notes": notes + prop.notes, "attempts": attempts, "seconds": time.perf_counter() - t0})
+
+    @staticmethod
+    def context_errors(decision: PruneDecision, state: AgentState) -> list[str]:
+        known = set(state.profile.names)
+        errs = []
+        unknown = [x.layer for x in decision.layers if x.layer not in known]
+        if unknown:
+            errs.append(f"unknown layer names {unknown[:8]}; valid names look like {state.profile.names[:3]}")
+        eligible = set(_eligible(state))
+        full = [x.layer for x in decision.layers if x.layer in known and x.layer not in eligible]
+        if full and len(full) == len(decision.layers):
+            errs.append(f"every chosen layer is already at its maximum sparsity: {full[:8]}")
+        return errs
+
+    def propose(self, state: AgentState) -> PruneProposal:  # type: ignore[override]
+        import openai
+
+        t0 = time.perf_counter()
+        if self.unavailable_reason:
+            return self._prune_fallback(state, f"LLM unavailable at startup: {self.unavailable_reason}", [], [], 0, t0)
+        nm = state.config.nm
+        messages: list[dict[str, str]] = [
+            {"role": "system", "content": PRUNE_SYSTEM.format(
+                threshold=state.config.rollback_threshold, target=state.config.target_sparsity,
+                cap=state.config.max_layer_sparsity,
+                nm_note=f"\nN:M mode {nm}: a chosen layer becomes exactly {nm} sparse (the increase value is ignored)."
+                if nm else "")},
+            {"role": "user", "content": prune_user_prompt(state, min(self.config.history_rows, state.config.history_rows))},
+        ]
+        raw: list[str] = []
+        notes: list[str] = []
+        attempts, last_error = 0, "no reply"
+        while attempts <= self.config.max_retries:
+            attempts += 1
+            kwargs: dict[str, Any] = dict(model=self.config.model, messages=messages, temperature=self.config.temperature)
+            if self.config.max_tokens:
+                kwargs["max_tokens"] = self.config.max_tokens
+            if self.config.seed is not None:
+                kwargs["seed"] = self.config.seed
+            if self._use_response_format:
+                kwargs["response_format"] = {"type": "json_object"}
+            try:
+                try:
+                    resp = self.client.chat.completions.create(**kwargs)
+                except openai.BadRequestError as exc:
+                    if "response_format" not in kwargs:
+                        raise
+                    self._use_response_format = False
+                    notes.append(f"server rejected response_format ({self._describe(exc)}); retried without it")
+                    kwargs.pop("response_format")
+                    resp = self.client.chat.completions.create(**kwargs)
+            except openai.OpenAIError as exc:
+                return self._prune_fallback(state, f"LLM request failed: {self._describe(exc)}", raw, notes, attempts, t0)
+            try:
+                content = resp.choices[0].message.content or ""
+            except (AttributeError, IndexError, TypeError):
+                content = ""
+            raw.append(content)
+            try:
+                decision = PruneDecision.model_validate(extract_json(content))
+                errs = self.context_errors(decision, state)
+                if errs:
+                    raise ValueError("; ".join(errs))
+            except ValidationError as exc:
+                last_error = "schema validation failed: " + format_validation_error(exc)
+            except ValueError as exc:
+                last_error = str(exc).splitlines()[0][:400]
+            else:
+                return PruneProposal(decision=decision, strategist=self.name,
+                                     raw_reply=self._redact(truncate("\n---\n".join(raw))),
+                                     notes=notes + ([f"valid after {attempts} attempts"] if attempts > 1 else []),
+                                     attempts=attempts, seconds=time.perf_counter() - t0)
+            notes.append(f"attempt {attempts}: {last_error}")
+            messages.append({"role": "assistant", "content": content})
+            messages.append({"role": "user", "content": (
+                f"Your reply was invalid: {last_error}\nAnswer again with ONLY the JSON object "
+                '{"layers": [{"layer": "<name>", "increase": <number in (0, 0.5]>}, ...], "rationale": "..."}')})
+        return self._prune_fallback(state, f"invalid LLM output after {attempts} attempts: {last_error}", raw, notes,
+                                    attempts, t0)
+
+
+def create_prune_strategist(name: str = "heuristic", *, llm_config: LLMConfig | None = None,
+                            fallback: bool | None = None, **kwargs: Any) -> PruneStrategist:
+    if name == "heuristic":
+        return HeuristicPruneStrategist(**kwargs)
+    if name == "llm":
+        return LLMPruneStrategist(llm_config, fallback=fallback, **kwargs)  # type: ignore[return-value]
+    raise ValueError(f"unknown prune strategist '{name}'; choose from ['heuristic', 'llm']")
+
+
+# ------------------------------------------------------------------------------------------------
+# Loop
+# ------------------------------------------------------------------------------------------------
+class AgentResult(BaseModel):
+    stop_reason: str
+    iterations: int
+    new_iterations: int
+    resumed_iterations: int
+    rollbacks: int
+    fallbacks: int
+    baseline_ppl: float
+    final_ppl: float
+    final_sparsity: float
+    target_sparsity: float
+    reached: bool
+    layer_sparsities: dict[str, float]
+    history: list[IterationRecord]
+    seconds: float
+
+
+class PruneAgentLoop:
+    """The iteration loop, step by step (``done`` / ``propose`` / ``execute``) so a flow can wrap steps."""
+
+    def __init__(self, session: PruneSession, strategist: PruneStrategist, config: LLMPruneConfig, *,
+                 history: Sequence[IterationRecord] = (), baseline_ppl: float | None = None,
+                 evaluate: Callable[[], float] | None = None):
+        self.session, self.strategist, self.config = session, strategist, config
+        self.history: list[IterationRecord] = list(history)
+        self.resumed = len(self.history)
+        self.evaluate = evaluate or session.val_ppl
+        self.nm = parse_nm(config.nm)
+        self.profile = session.profile  # computes statistics on the current (normally dense) model
+        self.baseline_ppl = baseline_ppl if baseline_ppl is not None else (
+            self.history[0].ppl_before if self.history else self.evaluate())
+        accepted = [r for r in self.history if r.accepted and r.ppl_after is not None]
+        self.current_ppl = accepted[-1].ppl_after if accepted else self.baseline_ppl
+        self.stalls = 0
+        self.stop_reason: str | None = None
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def iteration(self) -> int:
+        return len(self.history)
+
+    @property
+    def mm(self):
+        return self.session.mm
+
+    def reached(self) -> bool:
+        return self.mm.overall_sparsity() >= self.config.target_sparsity - self.config.tolerance
+
+    def done(self) -> bool:
+        if self.reached():
+            self.stop_reason = "target-reached"
+        elif self.iteration >= self.config.max_iterations:
+            self.stop_reason = "max-iterations"
+        elif self.stalls >= 5:
+            self.stop_reason = "stalled"
+        else:
+            return False
+        return True
+
+    def state(self) -> AgentState:
+        return AgentState(iteration=self.iteration, config=self.config, profile=self.profile,
+                          layer_sparsities={n: round(s, 6) for n, s in self.mm.sparsities().items()},
+                          overall_sparsity=self.mm.overall_sparsity(), baseline_ppl=self.baseline_ppl,
+                          current_ppl=self.current_ppl, history=list(self.history))
+
+    def propose(self) -> PruneProposal:
+        return self.strategist.propose(self.state())
+
+    # -- applying a decision ----------------------------------------------------------------------
+    def plan(self, decision: PruneDecision) -> tuple[dict[str, float], dict[str, Any], list[str]]:
+        """Clamp the decision to the rules, scale it so the step does not overshoot the target, and pick
+        the weights: ``(layer -> new sparsity, layer -> flat indices, notes)``."""
+        mm, cfg, notes = self.mm, self.config, []
+        cap = cfg.max_layer_sparsity
+        wanted: dict[str, float] = {}
+        for item in decision.layers:
+            if item.layer not in mm.layers:
+                notes.append(f"ignored unknown layer {item.layer}")
+                continue
+            cur = mm.layer_sparsity(item.layer)
+            if self.nm is not None:
+                level = self.nm[0] / self.nm[1]
+                if cur < level - 1e-9:
+                    wanted[item.layer] = level
+                continue
+            new = min(cap, cur + item.increase)
+            if new > cur + 1e-9:
+                wanted[item.layer] = new
+            else:
+                notes.append(f"{item.layer} already at the cap {cap}")
+        if self.nm is None and wanted:
+            remaining = (cfg.target_sparsity - mm.overall_sparsity()) * mm.total_params
+            asked = sum((s - mm.layer_sparsity(n)) * mm.layers[n].params for n, s in wanted.items())
+            if asked > remaining > 0:
+                f = remaining / asked
+                wanted = {n: mm.layer_sparsity(n) + (s - mm.layer_sparsity(n)) * f for n, s in wanted.items()}
+                notes.append(f"increases scaled by {f:.3f} to land on the target")
+        indices = {}
+        for n, s in wanted.items():
+            w = mm.layers[n].module.weight
+            if self.nm is None:
+                cols = w.shape[1]
+                k_cur = round(mm.layer_sparsity(n) * cols)
+                k = max(k_cur + 1, row_count(s, cols))  # at least one more weight per row: progress
+                s = min(1.0, k / cols)
+            indices[n] = select_prune_indices(wanda_scores(w, self.session.norms[n]), mm.masks[n], s, nm=self.nm)
+            wanted[n] = s
+        return wanted, indices, notes
+
+    def execute(self, proposal: PruneProposal) -> tuple[IterationRecord, PruneStep | None]:
+        """Apply, evaluate, keep or roll back; returns the record and the kept step (None if rolled back)."""
+        t0 = time.perf_counter()
+        it = self.iteration
+        before = self.mm.overall_sparsity()
+        applied, indices, notes = self.plan(proposal.decision)
+        common = dict(iteration=it, strategist=proposal.strategist, requested=proposal.decision.layers,
+                      rationale=proposal.decision.rationale, fallback_reason=proposal.fallback_reason,
+                      raw_reply=proposal.raw_reply, notes=proposal.notes + notes, sparsity_before=before,
+                      ppl_before=self.current_ppl, propose_seconds=proposal.seconds)
+        if not indices or sum(int(i.numel()) for i in indices.values()) == 0:
+            self.stalls += 1
+            rec = IterationRecord(**common, applied={}, sparsity_after=before, accepted=False,
+                                  reason="no-op: nothing left to prune in the chosen layers", sparsity=before,
+                                  layer_sparsities=self.mm.sparsities(), seconds=time.perf_counter() - t0)
+            self.history.append(rec)
+            return rec, None
+        step = self.mm.prune(indices, iteration=it)
+        after = self.mm.overall_sparsity()
+        te = time.perf_counter()
+        ppl = self.evaluate()
+        eval_s = time.perf_counter() - te
+        deg = ppl / self.current_ppl - 1 if math.isfinite(ppl) else float("inf")
+        ok = math.isfinite(ppl) and deg <= self.config.rollback_threshold
+        if ok:
+            reason = f"accepted: ppl {deg:+.1%} <= {self.config.rollback_threshold:.0%} threshold"
+            self.current_ppl = ppl
+            self.stalls = 0
+            kept: PruneStep | None = step
+        else:
+            self.mm.rollback(step)
+            worst = sorted(applied, key=lambda n: -(applied[n] - self.profile.by_name()[n].z_combined))[:4]
+            reason = (f"rolled back: ppl {deg:+.1%} > {self.config.rollback_threshold:.0%} threshold "
+                      f"(step on {len(applied)} layers, e.g. {', '.join(worst)})")
+            kept = None
+        rec = IterationRecord(**common, applied={n: round(s, 6) for n, s in applied.items()}, sparsity_after=after,
+                              removed=step.count, ppl_after=ppl if math.isfinite(ppl) else None,
+                              degradation=deg if math.isfinite(deg) else None, accepted=ok, rolled_back=not ok,
+                              reason=reason, sparsity=self.mm.overall_sparsity(),
+                              layer_sparsities={n: round(s, 6) for n, s in self.mm.sparsities().items()},
+                              eval_seconds=eval_s, seconds=time.perf_counter() - t0 + proposal.seconds)
+        self.history.append(rec)
+        return rec, kept
+
+    def result(self, seconds: float) -> AgentResult:
+        return AgentResult(
+            stop_reason=self.stop_reason or ("target-reached" if self.reached() else "stopped"),
+            iterations=len(self.history), new_iterations=len(self.history) - self.resumed,
+            resumed_iterations=self.resumed, rollbacks=sum(r.rolled_back for r in self.history),
+            fallbacks=sum(r.fallback_reason is not None for r in self.history), baseline_ppl=self.baseline_ppl,
+            final_ppl=self.current_ppl, final_sparsity=self.mm.overall_sparsity(),
+            target_sparsity=self.config.target_sparsity, reached=self.reached(),
+            layer_sparsities=self.mm.sparsities(), history=list(self.history), seconds=seconds)
+
+
+def run_prune_agent(session: PruneSession, strategist: PruneStrategist | str = "heuristic",
+                    config: LLMPruneConfig | None = None, *, history: Sequence[IterationRecord] = (),
+                    baseline_ppl: float | None = None,
+                    on_record: Callable[[IterationRecord, PruneStep | None], Any] | None = None,
+                    propose: Callable[[PruneAgentLoop], PruneProposal] | None = None,
+                    evaluate: Callable[[], float] | None = None) -> AgentResult:
+    """Run the loop to the target. ``history`` (already applied to ``session``) resumes a run;
+    ``on_record(record, kept_step)`` is called after every iteration (persist it there)."""
+    config = config or LLMPruneConfig()
+    if isinstance(strategist, str):
+        strategist = create_prune_strategist(strategist)
+    t0 = time.perf_counter()
+    loop = PruneAgentLoop(session, strategist, config, history=history, baseline_ppl=baseline_ppl, evaluate=evaluate)
+    while not loop.done():
+        prop = propose(loop) if propose is not None else loop.propose()
+        rec, kept = loop.execute(prop)
+        log.info("iteration %d [%s]: %s; sparsity %.4f, ppl %.3f", rec.iteration, rec.strategist, rec.reason,
+                 rec.sparsity, loop.current_ppl)
+        if on_record is not None:
+            on_record(rec, kept)
+    return loop.result(time.perf_counter() - t0)
+
+
+def history_jsonl(records: Sequence[IterationRecord]) -> str:
+    return "".join(json.dumps(r.model_dump(mode="json")) + "\n" for r in records)
+
+
+def read_history_jsonl(text: str) -> list[IterationRecord]:
+    return [IterationRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
