@@ -325,6 +325,7 @@ class FinalModel(BaseModel):
     inline_test_accuracy: float
     extended_epochs: int
     extended_best_epoch: int | None = None
+    kept_inline_weights: bool = False
     seconds: float
 
 
@@ -339,6 +340,9 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
     inline_test = evaluate(model, data.test, progress_bar=False).top1
     cfg = ctx.config
     best_epoch = None
+    kept_inline = False
+    val_before = evaluate(model, data.val, progress_bar=False).top1
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.extended_epochs > 0:
         ext = ExtendedConfig(epochs=cfg.extended_epochs, seed=cfg.seed,
                              lr=cfg.extended_lr or (DIGITS_LR if ctx.is_default_model else None),
@@ -348,14 +352,21 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
                                    checkpointer=StoreCheckpointer(ctx.store, ctx.key("extended/state.pt")),
                                    progress=progress if progress is not None else False)
         best_epoch = result.best_epoch
+        if result.best_val_acc < val_before:  # selection is on validation: never end worse than we started
+            model.load_state_dict(before)
+            kept_inline = True
+            log.info("extended fine-tuning did not beat the inline-fine-tuned weights on validation (%.4f < %.4f); "
+                     "keeping them", result.best_val_acc, val_before)
     val = evaluate(model, data.val, progress_bar=False).top1
     test = evaluate(model, data.test, progress_bar=False).top1
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    bundle["metrics"].update(val_accuracy=val, test_accuracy=test, extended_epochs=cfg.extended_epochs)
+    bundle["metrics"].update(val_accuracy=val, test_accuracy=test, extended_epochs=cfg.extended_epochs,
+                             kept_inline_weights=kept_inline)
     sha = ctx.store.put_bytes(final_key, bundle_bytes(bundle))
     final = FinalModel(key=final_key, sha256=sha, revision=best.revision, achieved_macs=best.achieved_macs or 0.0,
                        params=best.params or 0, val_accuracy=val, test_accuracy=test, inline_test_accuracy=inline_test,
                        extended_epochs=cfg.extended_epochs, extended_best_epoch=best_epoch,
+                       kept_inline_weights=kept_inline,
                        seconds=time.perf_counter() - t)
     ctx.store.put_json(ctx.key("final/model.json"), final.model_dump(mode="json"))
     return final
