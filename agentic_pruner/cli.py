@@ -211,7 +211,8 @@ def _solve_latency(args) -> int:
         "base_macs": sol.base_macs, "mac_target": sol.mac_target, "achieved_macs": result.achieved_macs,
         "prediction_exact": result.prediction_exact, "base_params": result.base_params, "params": result.params,
         "round_to": sol.round_to, "ratio": round(sol.ratio, 6), "measured_probes": sol.measured_probes,
-        "probes": [p.model_dump() for p in sol.probes], "real_prunes": len(sol.probes),  # one cut per measured candidate + the final one
+        "probes": [p.model_dump() for p in sol.probes],
+        "real_prunes": len(sol.probes),  # one cut per measured candidate + the final one
         "seconds": round(seconds, 3),
     }
     if args.save:
@@ -225,7 +226,8 @@ def _solve_latency(args) -> int:
         print(json.dumps(out))
     else:
         print(f"{spec.name}: {sol.base_median_ms:.2f} -> {sol.achieved_ms:.2f} ms median at batch {sol.batch_size} "
-              f"(budget {sol.target_ms:g} ms, {'in band' if sol.in_band else 'met, below band' if sol.met else 'NOT MET'}"
+              f"(budget {sol.target_ms:g} ms, "
+              f"{'in band' if sol.in_band else 'met, below band' if sol.met else 'NOT MET'}"
               f", x{sol.speedup:.2f}), {fmt_macs(sol.base_macs)} -> {fmt_macs(result.achieved_macs)} MACs, "
               f"params {result.base_params / 1e6:.2f} M -> {result.params / 1e6:.2f} M, "
               f"{sol.measured_probes} measured probes, {seconds:.1f} s")
@@ -444,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where latency is measured: onnxruntime CPU on the exported ONNX model")
     lat.add_argument("--batch-size", type=int, default=8, help="batch size the latency is measured at (default 8)")
     lat.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all CPUs)")
-    lat.add_argument("--max-probes", type=int, default=8, help="measured candidates at most (default 8)")
+    lat.add_argument("--max-probes", type=int, default=8, help="timed measurements of candidates at most, re-measurements included (default 8)")
     lat.add_argument("--latency-runs", type=int, default=20, help="timed runs per measurement (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", type=Path, help="write the pruned-model bundle here")

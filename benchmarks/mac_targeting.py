@@ -59,6 +59,8 @@ def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
             if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
                 attn.num_heads = pruner.num_heads[attn.qkv]
                 attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+                if hasattr(attn, "attn_dim"):  # current timm also keeps the total width
+                    attn.attn_dim = attn.num_heads * attn.head_dim
         macs, _ = tp.utils.count_ops_and_params(m, example)
         times.append(time.perf_counter() - t)
         err = band.error_pct(macs)
