@@ -44,13 +44,13 @@ CASES = [
 
 def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
     """The bar: bisection on MetaPruner's single pruning_ratio, re-pruning and counting every probe."""
-    num_heads = {m.qkv: m.num_heads for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
     lo, hi = 0.0, 0.95
     first_in_band, best, times = None, None, []
     for probe in range(1, max_probes + 1):
         ratio = (lo + hi) / 2
         t = time.perf_counter()
         m = copy.deepcopy(model)
+        num_heads = {a.qkv: a.num_heads for a in m.modules() if hasattr(a, "qkv") and hasattr(a, "num_heads")}
         pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
                                       pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
                                       ignored_layers=[classifier(m)], num_heads=num_heads)
