@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/agentic-pruner demo
 
 test: $(STAMP)
+	mkdir -p $(PREFECT_HOME)
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
