@@ -457,8 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _register_search_commands(sub) -> None:
+    from agentic_pruner import search_cli  # imported late: search_cli imports from this module
+
+    search_cli.register(sub)
+
+
+def _register_llm_commands(sub) -> None:
+    from agentic_pruner import llm_cli
+
+    llm_cli.register(sub)
+
+
 #: Later modules (search, flows, latency) append ``register(subparsers)`` functions here.
-_EXTRA_COMMANDS: list = [_register_flow_commands, lambda sub: __import__("agentic_pruner.search_cli", fromlist=["register"]).register(sub)]
+_EXTRA_COMMANDS: list = [_register_flow_commands, _register_search_commands, _register_llm_commands]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

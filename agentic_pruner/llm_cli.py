@@ -82,7 +82,8 @@ def register(sub) -> None:
     p.add_argument("--max-layer-sparsity", type=float, default=0.9)
     p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
     p.add_argument("--llm-model", help="model name at that endpoint")
-    p.add_argument("--no-llm-fallback", action="store_true", help="fail instead of using the heuristic when the LLM is unreachable")
+    p.add_argument("--no-llm-fallback", action="store_true",
+                   help="fail instead of using the heuristic when the LLM is unreachable")
     p.add_argument("--text", help="own calibration/evaluation text (blank-line separated documents)")
     p.add_argument("--mcq", help="MMLU-style JSONL (question, choices, answer) evaluated before and after")
     p.add_argument("--eval-tokens", type=int, default=16384, help="validation/test tokens per perplexity")

@@ -248,7 +248,10 @@ def save_pruned(ctx: LLMRunContext, directory: str | os.PathLike[str]) -> str:
     assert sess is not None
     path = Path(directory).expanduser()
     path.mkdir(parents=True, exist_ok=True)
-    sess.model.save_pretrained(str(path))
+    from pruning.llm.tiny_model import _quiet_progress
+
+    with _quiet_progress():
+        sess.model.save_pretrained(str(path))
     if hasattr(sess.tokenizer, "save"):
         sess.tokenizer.save(path)
     elif hasattr(sess.tokenizer, "tok"):

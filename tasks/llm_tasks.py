@@ -1,0 +1,45 @@
+"""Prefect tasks of the LLM pruning flow: thin wrappers over :mod:`agents.llm_pipeline` and the agent loop."""
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NONE
+
+from agents import llm_pipeline
+from agents.llm_prune_agent import IterationRecord, PruneAgentLoop, PruneProposal
+from agents.llm_pipeline import LLMRunConfig
+from pruning.llm.masks import PruneStep
+
+from .retry import IO_RETRY_DELAYS, retry_on_transient
+
+_io = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_on_transient, cache_policy=NONE)
+
+
+@task(name="llm-open-run", **_io)
+def open_run(config: LLMRunConfig) -> llm_pipeline.LLMRunInfo:
+    """Check the store, then create the run or find it for resuming."""
+    return llm_pipeline.open_run(config)
+
+
+@task(name="llm-prepare-model", **_io)
+def prepare(config: LLMRunConfig, run_id: str) -> llm_pipeline.ModelInfo:
+    """Load (or train, for the embedded default) the model, profile it, replay persisted steps."""
+    return llm_pipeline.prepare(config, run_id)
+
+
+@task(name="llm-agent-decision", retries=2, retry_delay_seconds=IO_RETRY_DELAYS,
+      retry_condition_fn=retry_on_transient, cache_policy=NONE)
+def propose(loop: PruneAgentLoop) -> PruneProposal:
+    """The agent chooses layers and increases (LLM replies are parsed and validated, never executed)."""
+    return loop.propose()
+
+
+@task(name="llm-prune-evaluate", cache_policy=NONE)
+def execute(loop: PruneAgentLoop, proposal: PruneProposal) -> tuple[IterationRecord, PruneStep | None]:
+    """Apply the step, measure validation perplexity, keep it or roll it back exactly."""
+    return loop.execute(proposal)
+
+
+@task(name="llm-persist-iteration", **_io)
+def persist(config: LLMRunConfig, run_id: str, record: IterationRecord, step: PruneStep | None) -> IterationRecord:
+    """Step file (removed indices + values) first, then the history record (idempotent)."""
+    return llm_pipeline.persist_iteration(config, run_id, record, step)
