@@ -127,8 +127,19 @@ def cmd_profile(args) -> int:
     return 0
 
 
-def cmd_solve(args) -> int:
+def _save_bundle_if_asked(args, out: dict, pruned, spec, plan, space, size: int, metric_keys) -> None:
+    """With ``--save``: write the pruned-model bundle and note where in ``out``."""
+    if not args.save:
+        return
     from pruning.checkpoint import make_bundle, save_bundle
+
+    bundle = make_bundle(pruned, spec, plan, space.pruning_history(), size,
+                         metrics={k: out[k] for k in metric_keys}, attention_heads=space.attention_heads())
+    save_bundle(bundle, args.save)
+    out["saved"] = str(args.save)
+
+
+def cmd_solve(args) -> int:
     from pruning.engine import prune_to_target
 
     from pruning.units import fmt_macs
@@ -158,12 +169,7 @@ def cmd_solve(args) -> int:
         "prediction_exact": result.prediction_exact, "granularity_pct": round(result.granularity_pct, 4),
         "seconds": round(seconds, 3), "timings": {k: round(v, 3) for k, v in result.seconds.items()},
     }
-    if args.save:
-        bundle = make_bundle(pruned, spec, result.plan, space.pruning_history(), size,
-                             metrics={k: out[k] for k in ("achieved_macs", "params", "error_pct")},
-                             attention_heads=space.attention_heads())
-        save_bundle(bundle, args.save)
-        out["saved"] = str(args.save)
+    _save_bundle_if_asked(args, out, pruned, spec, result.plan, space, size, ("achieved_macs", "params", "error_pct"))
     if args.json:
         print(json.dumps(out))
     else:
@@ -178,7 +184,6 @@ def cmd_solve(args) -> int:
 
 def _solve_latency(args) -> int:
     """``solve --target-latency-ms``: search the plan scale on measured latency (pruning.latency_solver)."""
-    from pruning.checkpoint import make_bundle, save_bundle
     from pruning.latency_solver import DEFAULT_ROUND_TO, prune_to_latency
     from pruning.units import fmt_macs
 
@@ -215,13 +220,8 @@ def _solve_latency(args) -> int:
         "real_prunes": len(sol.probes),  # one cut per measured candidate + the final one
         "seconds": round(seconds, 3),
     }
-    if args.save:
-        bundle = make_bundle(pruned, spec, sol.plan, space.pruning_history(), size,
-                             metrics={k: out[k] for k in ("achieved_macs", "params", "achieved_latency_ms",
-                                                          "target_latency_ms", "batch_size")},
-                             attention_heads=space.attention_heads())
-        save_bundle(bundle, args.save)
-        out["saved"] = str(args.save)
+    _save_bundle_if_asked(args, out, pruned, spec, sol.plan, space, size,
+                          ("achieved_macs", "params", "achieved_latency_ms", "target_latency_ms", "batch_size"))
     if args.json:
         print(json.dumps(out))
     else:
