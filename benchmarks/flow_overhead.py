@@ -68,6 +68,18 @@ def plain(cfg: RunConfig) -> tuple[float, int]:
 WITHIN_RUN: dict[str, dict] = {}
 
 
+def step_wall_and_work(records: list[dict]) -> tuple[float, float]:
+    """Summed wall time of the prune/finetune task calls and of the work measured inside them."""
+    outer = inner = 0.0
+    for r in records:
+        t = r["timings"]
+        for step in ("prune", "finetune"):
+            if step in t:
+                outer += t[step]
+                inner += sum(v for k, v in t.items() if k.startswith(step + "."))
+    return outer, inner
+
+
 def flow_search_seconds(cfg: RunConfig) -> tuple[float, int]:
     """Run the flow end to end; return its wall time and the number of revisions it persisted.
 
@@ -81,13 +93,7 @@ def flow_search_seconds(cfg: RunConfig) -> tuple[float, int]:
     summary = agentic_prune(cfg)
     total = time.perf_counter() - t0
     history = runs.read_history(open_store(cfg.store), summary.run_id)
-    outer = inner = 0.0
-    for r in history:
-        t = r["timings"]
-        for step in ("prune", "finetune"):
-            if step in t:
-                outer += t[step]
-                inner += sum(v for k, v in t.items() if k.startswith(step + "."))
+    outer, inner = step_wall_and_work(history)
     WITHIN_RUN[cfg.store] = {"step_wall_s": outer, "step_work_s": inner, "revisions": len(history)}
     return total, len(history)
 
@@ -99,15 +105,9 @@ def within_run_table(paths: list[str]) -> str:
     rows = []
     for path in paths:
         records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-        outer = inner = 0.0
-        for r in records:
-            t = r["timings"]
-            for step in ("prune", "finetune"):
-                if step in t:
-                    outer += t[step]
-                    inner += sum(v for k, v in t.items() if k.startswith(step + "."))
+        outer, inner = step_wall_and_work(records)
         n = max(1, len(records))
-        rows.append({"history": Path(path).parent.name, "revisions": len(records),
+        rows.append({"history": Path(path).stem if Path(path).stem != "history" else Path(path).parent.name, "revisions": len(records),
                      "revision_s": round(outer / n, 2), "task_overhead_s": round((outer - inner) / n, 3),
                      "task_overhead_pct": round(100 * (outer - inner) / max(outer, 1e-9), 2)})
     cols = list(rows[0])
