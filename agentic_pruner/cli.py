@@ -259,6 +259,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-llm-fallback", action="store_true", help="fail instead of falling back to the heuristic")
     p.add_argument("--max-revisions", type=int, default=8)
     p.add_argument("--extra-revisions", type=int, default=2, help="phase-2 revisions after the first in-band one")
+    p.add_argument("--candidates-per-revision", type=int, default=1, metavar="K",
+                   help="K shapes per revision, fine-tuned in parallel on the task runner (default 1)")
+    _add_engine_args(p)
     p.add_argument("--importance", default="taylor", choices=["taylor", "l1", "l2", "random"])
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--calibration-batches", type=int, default=4)
@@ -273,6 +276,23 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task-runner", default=None,
+                   help="where candidates are fine-tuned: local (default), dask (local cluster), dask://HOST:8786 "
+                        "(existing Dask cluster), ray, ray://HOST:PORT")
+    p.add_argument("--finetune-deployment", metavar="FLOW/DEPLOYMENT",
+                   help="fine-tune each candidate as a run of this deployment (e.g. finetune-candidate/gpu)")
+
+
+def _engine_overrides(args) -> dict:
+    out = {}
+    if getattr(args, "task_runner", None):
+        out["task_runner"] = args.task_runner
+    if getattr(args, "finetune_deployment", None):
+        out["finetune_deployment"] = args.finetune_deployment
+    return out
+
+
 def _run_config(args):
     from agents.run_config import RunConfig
 
@@ -285,6 +305,7 @@ def _run_config(args):
         calibration_batches=args.calibration_batches, inline_epochs=args.inline_epochs,
         extended_epochs=args.extended_epochs, max_train_batches=args.max_train_batches, latency=not args.no_latency,
         latency_runs=args.latency_runs, store=args.store, run_id=args.run_id, seed=args.seed,
+        candidates_per_revision=args.candidates_per_revision, **_engine_overrides(args),
     )
 
 
@@ -341,7 +362,7 @@ def cmd_resume(args) -> int:
         stored = store.get_json(runs.key(args.run_id, "config.json"))
     except KeyNotFound:
         raise CliError(f"no run '{args.run_id}' in {store.describe()} (see 'agentic-pruner runs')") from None
-    stored.update(store=args.store, run_id=args.run_id)
+    stored.update(store=args.store, run_id=args.run_id, **_engine_overrides(args))
     return _execute(RunConfig(**stored))
 
 
@@ -374,7 +395,7 @@ def cmd_report(args) -> int:
     if not records and runs.read_status(store, args.run_id) is None:
         raise CliError(f"no run '{args.run_id}' in {store.describe()} (see 'agentic-pruner runs')")
     frame = history_dataframe([RevisionRecord(**r) for r in records])
-    cols = [c for c in ("revision", "strategist_used", "verdict", "status", "achieved_macs", "error_pct", "in_band",
+    cols = [c for c in ("revision", "candidate", "strategist_used", "verdict", "status", "achieved_macs", "error_pct", "in_band",
                         "accuracy_before", "accuracy_after", "fallback_reason") if c in frame.columns]
     if args.json:
         print(frame.to_json(orient="records"))
@@ -407,6 +428,7 @@ def _register_flow_commands(sub) -> None:
     p = sub.add_parser("resume", help="continue a run from its last persisted revision")
     p.add_argument("run_id")
     p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    _add_engine_args(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("runs", help="list runs in the store")
     p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
@@ -485,6 +507,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from pruning.store import StoreError
 
         errors.append(StoreError)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from tasks.engines import EngineUnavailable
+
+        errors.append(EngineUnavailable)
     except ImportError:  # pragma: no cover
         pass
     return tuple(errors)

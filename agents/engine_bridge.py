@@ -19,7 +19,7 @@ from pruning.space import PruningError, PruningSpace, count_macs_params
 
 from .profiling import ProfileSummary, build_profile
 from .safety import SafetyValidator, UnsafePlanError, solved_kind_ratios
-from .search import Evaluated, Measured
+from .search import Evaluated, Measured, Slot
 
 Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
 Finetuner = Callable[[nn.Module], nn.Module]
@@ -79,7 +79,7 @@ class EngineBridge:
         return self._baseline
 
     # -- callbacks -------------------------------------------------------------------------------
-    def prune_and_measure(self, plan: PruningPlan) -> Measured:
+    def prune_and_measure(self, plan: PruningPlan, slot: Slot | None = None) -> Measured:
         timings: dict[str, float] = {}
         t = time.perf_counter()
         src = self.model

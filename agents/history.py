@@ -35,7 +35,7 @@ class RevisionRecord(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     revision: int = Field(ge=0)
-    candidate: int = Field(0, ge=0, description="candidate index within the revision (one candidate per revision)")
+    candidate: int = Field(0, ge=0, description="candidate index within the revision (K candidates per revision, default K = 1)")
     # -- who proposed it ----------------------------------------------------------------------
     strategist: str = Field(description="strategist asked (e.g. 'llm')")
     strategist_used: str = Field(description="strategist whose proposal was used ('heuristic' after a fallback)")
@@ -134,11 +134,15 @@ def from_jsonl(src: str | os.PathLike | IO[str]) -> list[RevisionRecord]:
 
 
 def check_history(records: Sequence[RevisionRecord]) -> list[RevisionRecord]:
-    """Records sorted by revision; revisions must be 0..n-1 without gaps (resume precondition)."""
+    """Records sorted by (revision, candidate); revisions 0..n-1 without gaps, no slot twice (resume precondition)."""
     recs = sorted(records, key=lambda r: (r.revision, r.candidate))
-    revs = [r.revision for r in recs if r.candidate == 0]
+    revs = sorted({r.revision for r in recs})
     if revs != list(range(len(revs))):
-        raise ValueError(f"history revisions must be 0..n-1 without gaps or duplicates, got {revs}")
+        raise ValueError(f"history revisions must be 0..n-1 without gaps, got {revs}")
+    slots = [(r.revision, r.candidate) for r in recs]
+    if len(set(slots)) != len(slots):
+        dup = next(s for s in slots if slots.count(s) > 1)
+        raise ValueError(f"history holds revision {dup[0]} candidate {dup[1]} twice")
     return recs
 
 

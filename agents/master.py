@@ -96,6 +96,18 @@ def compute_danger_zones(history: Sequence[RevisionRecord], profile: ProfileSumm
     return zones
 
 
+def per_revision(history: Sequence[RevisionRecord]) -> list[RevisionRecord]:
+    """One representative record per revision (its best candidate), in revision order.
+
+    With K candidates per revision the search's progress, stagnation and stopping rules look at
+    revisions, not at individual candidates; with K = 1 this is the history itself.
+    """
+    groups: dict[int, list[RevisionRecord]] = {}
+    for r in history:
+        groups.setdefault(r.revision, []).append(r)
+    return [select_best(g) or min(g, key=lambda r: r.candidate) for _, g in sorted(groups.items())]
+
+
 class MasterAgent:
     """Coordinates the search: call :meth:`analyze` before every revision."""
 
@@ -114,7 +126,8 @@ class MasterAgent:
     def analyze(self, history: Sequence[RevisionRecord], band: MacBand, profile: ProfileSummary,
                 baseline_accuracy: float | None = None) -> MasterGuidance:
         cfg = self.config
-        hist = sorted(history, key=lambda r: r.revision)
+        records = sorted(history, key=lambda r: (r.revision, r.candidate))
+        hist = per_revision(records)
         n = len(hist)
         g = MasterGuidance(target_macs=band.target_macs, global_pruning=True)
         g.multiplier_tuning_order = self._tuning_order(profile)
@@ -139,7 +152,7 @@ class MasterAgent:
 
         first_valid = next((r.revision for r in hist if r.is_candidate), None)
         g.first_valid_revision = first_valid
-        best = select_best(hist)
+        best = select_best(records)
         g.best_revision = best.revision if best is not None and best.is_candidate else None
         g.phase = "find_valid" if first_valid is None else "explore"
         if first_valid is not None:
@@ -154,7 +167,7 @@ class MasterAgent:
         if first_valid is None and n >= cfg.stagnation_window + 1:
             window = deltas[-cfg.stagnation_window:]
             g.stagnating = all(d is None or d > -cfg.stagnation_min_gain_pct for d in window)
-        g.danger_zones = compute_danger_zones(hist, profile, cfg.danger_tolerance)
+        g.danger_zones = compute_danger_zones(records, profile, cfg.danger_tolerance)
 
         # -- stopping ---------------------------------------------------------------------------
         stop = None

@@ -7,6 +7,7 @@ different processes or machines and a run can resume after the process dies. The
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import tempfile
 import time
@@ -228,8 +229,42 @@ def _calibrated_copy(ctx: RunContext, plan: PruningPlan) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None = None) -> Measured:
-    """Prune the ORIGINAL model with ``plan`` scaled onto the target; count MACs; store the pruned bundle."""
+def _slot_name(revision: int, candidate: int) -> str:
+    return f"revisions/r{revision:03d}{f'c{candidate}' if candidate else ''}"
+
+
+def _plan_digest(plan: PruningPlan) -> str:
+    return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]
+
+
+def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None = None,
+                   candidate: int = 0) -> Measured:
+    """Prune the ORIGINAL model with ``plan`` scaled onto the target; count MACs; store the pruned bundle.
+
+    Idempotent per (revision, candidate, plan): a result stored by an earlier attempt (e.g. before a
+    preemption) is returned instead of pruning again.
+    """
+    result_key = ctx.key(f"{_slot_name(revision, candidate)}.measured.json")
+    digest = _plan_digest(plan)
+    if ctx.store.exists(result_key):
+        stored = ctx.store.get_json(result_key)
+        done = Measured(**stored["measured"])
+        if stored.get("plan_digest") == digest and (done.checkpoint_key is None
+                                                   or ctx.store.exists(done.checkpoint_key)
+                                                   or ctx.store.exists(_evaluated_key(ctx, revision, candidate))):
+            return done
+    measured = _prune(ctx, plan, revision, validator, candidate)
+    measured.revision, measured.candidate = revision, candidate
+    ctx.store.put_json(result_key, {"plan_digest": digest, "measured": measured.model_dump(mode="json")})
+    return measured
+
+
+def _evaluated_key(ctx: RunContext, revision: int, candidate: int) -> str:
+    return ctx.key(f"{_slot_name(revision, candidate)}.evaluated.json")
+
+
+def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None,
+           candidate: int) -> Measured:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     band = ctx.band()
@@ -261,9 +296,10 @@ def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator:
         measured.accuracy_before = evaluate(pruned, ctx.data().val, progress_bar=False).top1
         spec = ModelSpec(**ctx.baseline().model_spec)
         bundle = make_bundle(pruned, spec, solution.plan, space.pruning_history(), ctx.baseline().input_size,
-                             metrics={"achieved_macs": macs, "params": params, "revision": revision},
+                             metrics={"achieved_macs": macs, "params": params, "revision": revision,
+                                      "candidate": candidate},
                              attention_heads=space.attention_heads())
-        key = ctx.key(f"revisions/r{revision:03d}.pruned.pt")
+        key = ctx.key(f"{_slot_name(revision, candidate)}.pruned.pt")
         sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
         measured.checkpoint_key, measured.checkpoint_sha256 = key, sha
         timings["zero_shot_eval_save"] = time.perf_counter() - t
@@ -276,14 +312,36 @@ def load_bundle(ctx: RunContext, key: str, sha256: str | None) -> tuple[nn.Modul
     return rebuild(bundle), bundle
 
 
-def finetune_revision(ctx: RunContext, measured: Measured, revision: int) -> Evaluated:
-    """Inline fine-tuning (paper Table 7) of an in-band candidate; evaluate on the validation split."""
+def read_evaluated(ctx: RunContext, revision: int, candidate: int = 0, source_sha256: str | None = None
+                   ) -> Evaluated | None:
+    """The stored fine-tuning result of a candidate (None when absent or made from another pruned bundle)."""
+    key = _evaluated_key(ctx, revision, candidate)
+    if not ctx.store.exists(key):
+        return None
+    stored = ctx.store.get_json(key)
+    if source_sha256 is not None and stored.get("source_sha256") != source_sha256:
+        return None
+    done = Evaluated(**stored["evaluated"])
+    return done if done.checkpoint_key and ctx.store.exists(done.checkpoint_key) else None
+
+
+def finetune_revision(ctx: RunContext, measured: Measured, revision: int, candidate: int = 0) -> Evaluated:
+    """Inline fine-tuning (paper Table 7) of an in-band candidate; evaluate on the validation split.
+
+    Idempotent: when this candidate's fine-tuned bundle and result are already in the store (a
+    finished candidate of a preempted run, or a retried task whose worker died after finishing),
+    the stored result is returned without training again. Workers on other machines call this with
+    only the store URL and keys: the pruned bundle is read from, the result written to, the store.
+    """
+    done = read_evaluated(ctx, revision, candidate, measured.checkpoint_sha256)
+    if done is not None:
+        return done
     t = time.perf_counter()
     model, bundle = load_bundle(ctx, measured.checkpoint_key, measured.checkpoint_sha256)
     cfg = ctx.config
     result = None
     if cfg.inline_epochs > 0:
-        ft = FinetuneConfig(epochs=cfg.inline_epochs, lr=ctx.inline_lr(), seed=cfg.seed + revision,
+        ft = FinetuneConfig(epochs=cfg.inline_epochs, lr=ctx.inline_lr(), seed=cfg.seed + revision + 1000 * candidate,
                             mac_reduction=1 - (measured.achieved_macs or 0) / ctx.baseline().base_macs,
                             max_train_batches=cfg.max_train_batches, bn_recalibration=ctx.is_default_model,
                             progress_bar=False)
@@ -292,11 +350,14 @@ def finetune_revision(ctx: RunContext, measured: Measured, revision: int) -> Eva
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     bundle["metrics"].update(val_accuracy=acc, inline_epochs=cfg.inline_epochs,
                              inline_lr=result.lr if result else None)
-    key = runs.revision_key(ctx.run_id, revision)
+    key = runs.revision_key(ctx.run_id, revision, candidate)
     sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
+    evaluated = Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
+                          timings={"finetune_eval_save": time.perf_counter() - t})
+    ctx.store.put_json(_evaluated_key(ctx, revision, candidate),
+                       {"source_sha256": measured.checkpoint_sha256, "evaluated": evaluated.model_dump(mode="json")})
     ctx.store.delete(measured.checkpoint_key)  # the pre-fine-tuning bundle is not needed any more
-    return Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
-                     timings={"finetune_eval_save": time.perf_counter() - t})
+    return evaluated
 
 
 class StoreCheckpointer:

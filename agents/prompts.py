@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
 from .history import RevisionRecord
@@ -113,7 +114,7 @@ def history_table(history: Sequence[RevisionRecord], max_rows: int = 40) -> str:
         if r.verdict != "accepted" and r.verdict_reasons:
             note = (note + " " + r.verdict_reasons[0])[:120]
         rows.append(" | ".join([
-            str(r.revision), r.strategist_used, p.importance, str(p.round_to), p.allocation,
+            f"{r.revision}.{r.candidate}" if r.candidate else str(r.revision), r.strategist_used, p.importance, str(p.round_to), p.allocation,
             json.dumps(p.kind_multipliers, sort_keys=True), json.dumps(p.stage_multipliers, sort_keys=True),
             _fmt(r.solver_ratio), _fmt(r.achieved_macs / 1e9 if r.achieved_macs else None),
             _fmt(r.error_pct, "+.2f"), "yes" if r.in_band else "no", _fmt(r.accuracy_before), _fmt(r.accuracy_after),
@@ -142,15 +143,22 @@ def guidance_text(g: MasterGuidance) -> str:
 
 
 def user_prompt(profile: ProfileSummary, band: MacBand, history: Sequence[RevisionRecord], guidance: MasterGuidance,
-                revision: int, baseline_accuracy: float | None, max_rows: int = 40) -> str:
+                revision: int, baseline_accuracy: float | None, max_rows: int = 40,
+                pending: Sequence[PruningPlan] = ()) -> str:
     parts = [
         f"Revision {revision}.",
         "MODEL PROFILE:\n" + profile.text(band),
         f"BASELINE ACCURACY: {baseline_accuracy:.4f}" if baseline_accuracy is not None else "BASELINE ACCURACY: unknown",
         "PRUNING HISTORY (every plan below was executed; do not repeat one):\n" + history_table(history, max_rows),
         "MASTER AGENT GUIDANCE:\n" + guidance_text(guidance),
-        "Propose the next strategy. Reply with ONLY the JSON object.",
     ]
+    if pending:
+        parts.append(f"ALREADY PROPOSED FOR REVISION {revision} (evaluated in parallel; propose a clearly different "
+                     "allocation shape):\n" + "\n".join(
+                         f"- criterion {p.importance}, round_to {p.round_to}, alloc {p.allocation}, kind mult "
+                         f"{json.dumps(p.kind_multipliers, sort_keys=True)}, stage mult "
+                         f"{json.dumps(p.stage_multipliers, sort_keys=True)}" for p in pending))
+    parts.append("Propose the next strategy. Reply with ONLY the JSON object.")
     return "\n\n".join(parts)
 
 

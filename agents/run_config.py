@@ -33,6 +33,8 @@ class RunConfig(BaseModel):
     llm_fallback: bool = Field(True, description="fall back to the heuristic (recorded) when the LLM fails")
     max_revisions: int = Field(8, ge=1, le=1000, description="R_max of Algorithm 1")
     extra_revisions: int = Field(2, ge=0, le=100, description="phase-2 revisions after the first in-band one (paper: 30)")
+    candidates_per_revision: int = Field(1, ge=1, le=64, description="K shapes proposed per revision, fine-tuned in "
+                                         "parallel on the task runner (1 = the paper's one candidate per revision)")
     importance: Criterion = Field("taylor", description="channel importance (taylor uses calibration batches)")
     round_to: int = Field(8, ge=1, le=64, description="kept channels are multiples of this")
     calibration_batches: int = Field(4, ge=1, description="batches for Taylor importance (paper: 100 x 64)")
@@ -46,6 +48,11 @@ class RunConfig(BaseModel):
     latency: bool = Field(True, description="export the winner to ONNX and benchmark original vs pruned")
     latency_runs: int = Field(10, ge=1, description="timed runs per measurement")
     gpu_benchmark: bool = Field(True, description="torch.compile GPU benchmark when CUDA is available")
+    # -- where candidates run -------------------------------------------------------------------
+    task_runner: str = Field("local", description="'local' (threads in the flow process), 'dask' (a local Dask "
+                             "cluster), 'dask://HOST:8786' (an existing Dask cluster), 'ray' or 'ray://HOST:10001'")
+    finetune_deployment: str | None = Field(None, description="'FLOW/DEPLOYMENT' of the finetune-candidate flow: each "
+                                            "candidate's inline fine-tuning runs as a deployment run on its work pool")
     # -- bookkeeping ----------------------------------------------------------------------------
     store: str = Field("runs", description="local directory or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
     run_id: str | None = Field(None, description="None = derived from this config, so re-running resumes")
@@ -55,6 +62,21 @@ class RunConfig(BaseModel):
     @classmethod
     def _target_str(cls, v):
         return str(v).strip()
+
+    @field_validator("task_runner")
+    @classmethod
+    def _runner(cls, v: str) -> str:
+        v = v.strip()
+        if v in ("local", "dask", "ray") or (v.startswith(("dask://", "tcp://", "ray://")) and len(v.split("://", 1)[1]) > 0):
+            return v
+        raise ValueError(f"unknown task runner '{v}': use local, dask, dask://HOST:PORT, ray or ray://HOST:PORT")
+
+    @field_validator("finetune_deployment")
+    @classmethod
+    def _deployment(cls, v: str | None) -> str | None:
+        if v is not None and (v.count("/") != 1 or not all(v.split("/"))):
+            raise ValueError(f"finetune deployment must be 'FLOW_NAME/DEPLOYMENT_NAME', got '{v}'")
+        return v
 
     def resolve_target(self, base_macs: float) -> float:
         """Absolute MAC target; '50%' means half of ``base_macs``."""
@@ -73,4 +95,8 @@ class RunConfig(BaseModel):
 
     def identity(self) -> dict:
         """Fields that define the run's results (used for the deterministic run id)."""
-        return self.model_dump(exclude={"store", "run_id", "llm_fallback", "latency_runs", "gpu_benchmark"})
+        out = self.model_dump(exclude={"store", "run_id", "llm_fallback", "latency_runs", "gpu_benchmark",
+                                       "task_runner", "finetune_deployment"})
+        if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
+            out.pop("candidates_per_revision")
+        return out

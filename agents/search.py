@@ -4,8 +4,9 @@
 validator corrects, and two callbacks do the heavy work so an orchestrator (e.g. a Prefect flow) can
 wrap each as a task and persist every record (``on_record``)::
 
-    prune_and_measure(plan)        -> Measured    # prune the ORIGINAL model, re-count MACs
-    finetune_and_evaluate(measured) -> Evaluated  # only for in-band results (inline fine-tuning)
+    prune_and_measure(plan, slot)   -> Measured    # prune the ORIGINAL model, re-count MACs
+    finetune_and_evaluate(measured) -> Evaluated   # only for in-band results (inline fine-tuning)
+    finetune_batch([measured, ...]) -> [Evaluated] # optional: the K candidates of a revision at once
 
 Resuming: pass the persisted records as ``resume_history``; the loop continues at the next revision
 and never redoes a finished one. Given the same history, seed and a deterministic strategist, the
@@ -48,13 +49,12 @@ class Measured(BaseModel):
     in_band: bool = False
     kind_ratios: dict[str, float] = Field(default_factory=dict)
     accuracy_before: float | None = Field(None, description="zero-shot accuracy (fraction), optional")
-    checkpoint_key: str | None = Field(None, description="stored pruned model (used when nothing is fine-tuned)")
+    checkpoint_key: str | None = Field(None, description="store key of the pruned bundle (flows pass keys, not modules)")
     checkpoint_sha256: str | None = None
     notes: list[str] = Field(default_factory=list, description="e.g. safety repairs made after solving")
     timings: dict[str, float] = Field(default_factory=dict)
     revision: int | None = Field(None, description="set by run_search before fine-tuning")
-    checkpoint_key: str | None = Field(None, description="store key of the pruned bundle (flows pass keys, not modules)")
-    checkpoint_sha256: str | None = None
+    candidate: int = Field(0, description="candidate index within the revision, set by run_search")
     model: Any = Field(None, exclude=True, description="the pruned nn.Module (never serialised)")
 
 
@@ -69,8 +69,16 @@ class Evaluated(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
-PruneAndMeasure = Callable[[PruningPlan], Measured]
+class Slot(BaseModel):
+    """Where a candidate sits in the search: revision r, candidate c of that revision."""
+
+    revision: int = Field(ge=0)
+    candidate: int = Field(0, ge=0)
+
+
+PruneAndMeasure = Callable[[PruningPlan, Slot], Measured]
 FinetuneAndEvaluate = Callable[[Measured], Evaluated]
+FinetuneBatch = Callable[[list[Measured]], list[Evaluated]]
 OnRecord = Callable[[RevisionRecord], None]
 
 
@@ -82,6 +90,7 @@ class SearchContext(BaseModel):
     base_plan: PruningPlan = Field(default_factory=PruningPlan)
     baseline_accuracy: float | None = None
     seed: int = 0
+    candidates_per_revision: int = Field(1, ge=1, le=64, description="K shapes proposed and evaluated per revision")
     check_strategist: bool = Field(True, description="call strategist.check() before the first revision")
 
 
@@ -89,6 +98,7 @@ class SearchResult(BaseModel):
     history: list[RevisionRecord]
     best: RevisionRecord | None
     best_revision: int | None
+    best_candidate: int | None = None
     best_in_band: bool
     stop_reason: str
     resumed_revisions: int = Field(0, description="records taken from resume_history")
@@ -108,130 +118,219 @@ def run_search(
     finetune_and_evaluate: FinetuneAndEvaluate | None = None,
     on_record: OnRecord | None = None,
     resume_history: Sequence[RevisionRecord] = (),
+    finetune_batch: FinetuneBatch | None = None,
 ) -> SearchResult:
-    """Algorithm 2: revise until the Master stops (two-phase search, early stop, R_max)."""
+    """Algorithm 2: revise until the Master stops (two-phase search, early stop, R_max).
+
+    Each revision proposes ``context.candidates_per_revision`` (K) shapes; every one is validated and
+    pruned in turn, then the in-band ones are fine-tuned together by ``finetune_batch`` (default:
+    ``finetune_and_evaluate`` one after another), so an orchestrator can run them in parallel. The
+    Master sees all K records before the next revision. A revision interrupted after some of its
+    candidates were recorded is completed on resume without redoing those.
+    """
     profile, band = context.profile, context.band
+    k_max = context.candidates_per_revision
     history = check_history(list(resume_history))
     resumed = len(history)
     if context.check_strategist:
         strategist.check()
     requested = strategist.name
     heuristic = strategist if isinstance(strategist, HeuristicStrategist) else HeuristicStrategist(limits=validator.limits)
+    if finetune_batch is None and finetune_and_evaluate is not None:
+        def finetune_batch(items: list[Measured]) -> list[Evaluated]:
+            return [finetune_and_evaluate(m) for m in items]
     stop_reason = f"maximum revisions reached ({master.config.max_revisions})"
     guidance: MasterGuidance | None = None
+    r = _next_revision(history, k_max)
+    stopped = False
 
-    for r in range(len(history), master.config.max_revisions):
-        timings: dict[str, float] = {}
+    while r < master.config.max_revisions:
+        prior = [h for h in history if h.revision < r]
+        done = {h.candidate: h for h in history if h.revision == r}
         t = time.perf_counter()
-        guidance = master.analyze(history, band, profile, context.baseline_accuracy)
-        timings["master"] = time.perf_counter() - t
+        guidance = master.analyze(prior, band, profile, context.baseline_accuracy)
+        master_seconds = time.perf_counter() - t
         if not guidance.continue_search:
-            stop_reason = guidance.stop_reason or "master stopped the search"
+            stop_reason, stopped = guidance.stop_reason or "master stopped the search", True
             break
-        ctx = StrategyContext(revision=r, profile=profile, band=band, history=list(history), guidance=guidance,
-                              base_plan=context.base_plan, baseline_accuracy=context.baseline_accuracy,
-                              seed=context.seed)
-        # -- Analysis Agent --------------------------------------------------------------------
-        t = time.perf_counter()
-        try:
-            proposal = strategist.propose(ctx)
-        except StrategiesExhausted as exc:
-            stop_reason = str(exc)
-            break
-        except Exception as exc:  # noqa: BLE001 - a strategist bug must not end the search
-            if strategist is heuristic:
-                raise
-            log.warning("strategist %s failed: %s", requested, exc)
-            try:
-                proposal = heuristic.propose(ctx).model_copy(
-                    update={"fallback_reason": f"strategist error: {type(exc).__name__}: {str(exc)[:200]}"})
-            except StrategiesExhausted as exc2:
-                stop_reason = str(exc2)
+        seen = _seen(prior, profile)
+        for h in done.values():
+            seen.setdefault(h.signature or plan_signature(h.plan, profile.stages, profile.kinds), r)
+        pending = [h.proposed_plan or h.plan for _, h in sorted(done.items())]
+        batch: list[_Candidate] = []
+        exhausted: str | None = None
+        for c in range(k_max):
+            if c in done:
+                continue
+            ctx = StrategyContext(revision=r, profile=profile, band=band, history=list(prior), guidance=guidance,
+                                  base_plan=context.base_plan, baseline_accuracy=context.baseline_accuracy,
+                                  seed=context.seed, candidate=c, pending=list(pending))
+            cand, exhausted = _propose_candidate(ctx, strategist, heuristic, validator, context, seen, requested)
+            if cand is None:
                 break
-        timings["propose"] = time.perf_counter() - t
-
-        # -- Safety validation --------------------------------------------------------------
-        t = time.perf_counter()
-        verdict = validator.validate(proposal, profile, history, guidance=guidance, base_plan=context.base_plan,
-                                     band=band)
-        seen = _seen(history, profile)
-        sig = plan_signature(verdict.plan, profile.stages, profile.kinds)
-        if sig in seen and proposal.strategist != heuristic.name:
-            dup_of = seen[sig]
-            try:
-                alt = heuristic.propose(ctx)
-            except StrategiesExhausted as exc:
-                stop_reason = f"no new plan: proposal repeats revision {dup_of} and {exc}"
-                break
-            proposal = alt.model_copy(update={
-                "fallback_reason": (proposal.fallback_reason + "; " if proposal.fallback_reason else "")
-                + f"validated plan duplicates revision {dup_of} (already executed)",
-                "raw_reply": proposal.raw_reply, "notes": proposal.notes + alt.notes})
-            verdict = validator.validate(proposal, profile, history, guidance=guidance, base_plan=context.base_plan,
-                                         band=band)
-            sig = plan_signature(verdict.plan, profile.stages, profile.kinds)
-        if sig in seen:
-            stop_reason = f"no new plan: the validated plan repeats revision {seen[sig]}"
+            cand.candidate = c
+            cand.timings["master"] = master_seconds
+            seen[cand.signature] = r
+            pending.append(cand.proposal.plan)
+            batch.append(cand)
+        if not batch:
+            if done:  # an interrupted revision whose remaining candidates cannot be proposed any more
+                r += 1
+                continue
+            stop_reason, stopped = exhausted or "no new plan", True
             break
-        timings["validate"] = time.perf_counter() - t
 
-        # -- Prune the original model, re-count MACs ----------------------------------------
-        t = time.perf_counter()
-        measured = prune_and_measure(verdict.plan)
-        timings["prune"] = time.perf_counter() - t
-        measured.revision = r
-        reasons = list(verdict.reasons) + list(measured.notes)
-        status = measured.status
-        post = validator.check_kind_ratios(measured.kind_ratios, profile.family) if status == "ok" else []
-        if post:
-            status = "rejected"
-            reasons += [f"post-solve check: {p}" for p in post]
-        verdict_status = verdict.status
-        if verdict_status == "accepted" and (measured.notes or post):
-            verdict_status = "clamped" if not post else "rejected"
-        # -- Inline fine-tuning for in-band candidates --------------------------------------
-        evaluated = None
-        if finetune_and_evaluate is not None and status == "ok" and measured.in_band:
+        # -- Prune the original model, re-count MACs (cheap: one solve + one prune per candidate) ------
+        to_finetune: list[Measured] = []
+        for cand in batch:
             t = time.perf_counter()
-            evaluated = finetune_and_evaluate(measured)
-            timings["finetune"] = time.perf_counter() - t
-        measured.model = None  # release the pruned model
-        acc_before = measured.accuracy_before
-        if evaluated is not None and evaluated.accuracy_before is not None:
-            acc_before = evaluated.accuracy_before
-        record = RevisionRecord(
-            revision=r, strategist=requested, strategist_used=proposal.strategist, raw_reply=proposal.raw_reply,
-            fallback_reason=proposal.fallback_reason, strategy=proposal.strategy.model_dump(mode="json"),
-            proposal_notes=proposal.notes + (evaluated.notes if evaluated else []),
-            parent_revision=proposal.parent_revision, move=proposal.move, guidance_action=guidance.recommended_action,
-            verdict=verdict_status, verdict_reasons=reasons, proposed_plan=proposal.plan, signature=sig,
-            plan=measured.plan, status=status, error=measured.error, solver_ratio=measured.solver_ratio,
-            predicted_macs=measured.predicted_macs, achieved_macs=measured.achieved_macs, params=measured.params,
-            error_pct=measured.error_pct, in_band=measured.in_band, kind_ratios=measured.kind_ratios,
-            accuracy_before=acc_before, accuracy_after=evaluated.accuracy_after if evaluated else None,
-            checkpoint_key=(evaluated.checkpoint_key if evaluated and evaluated.checkpoint_key else measured.checkpoint_key),
-            checkpoint_sha256=(evaluated.checkpoint_sha256 if evaluated and evaluated.checkpoint_key
-                               else measured.checkpoint_sha256),
-            timings={**timings, **{f"prune.{k}": v for k, v in measured.timings.items()},
-                     **({f"finetune.{k}": v for k, v in evaluated.timings.items()} if evaluated else {})},
-        )
-        record.collapsed = master.is_collapsed(record.accuracy, context.baseline_accuracy)
-        history.append(record)
-        log.info("revision %d: %s %s MACs err %s%% acc %s", r, record.status, record.achieved_macs,
-                 None if record.error_pct is None else round(record.error_pct, 2), record.accuracy)
-        if on_record is not None:
-            on_record(record)
-    else:
-        guidance = master.analyze(history, band, profile, context.baseline_accuracy) if history else guidance
-        if guidance is not None and not guidance.continue_search and guidance.stop_reason:
+            measured = prune_and_measure(cand.verdict.plan, Slot(revision=r, candidate=cand.candidate))
+            cand.timings["prune"] = time.perf_counter() - t
+            measured.revision, measured.candidate = r, cand.candidate
+            cand.measured = measured
+            post = validator.check_kind_ratios(measured.kind_ratios, profile.family) if measured.status == "ok" else []
+            cand.post = post
+            if finetune_batch is not None and measured.status == "ok" and measured.in_band and not post:
+                to_finetune.append(measured)
+        # -- Inline fine-tuning of the in-band candidates (in parallel when the orchestrator can) --------
+        evaluated: dict[int, Evaluated] = {}
+        if to_finetune:
+            t = time.perf_counter()
+            results = finetune_batch(to_finetune)
+            seconds = time.perf_counter() - t
+            if len(results) != len(to_finetune):
+                raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(to_finetune)} candidates")
+            for m, e in zip(to_finetune, results):
+                evaluated[m.candidate] = e
+                e.timings.setdefault("batch_wall", seconds)
+        for cand in batch:
+            record = _record(cand, evaluated.get(cand.candidate), r, requested, guidance, master, context)
+            history.append(record)
+            log.info("revision %d.%d: %s %s MACs err %s%% acc %s", r, cand.candidate, record.status,
+                     record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 2),
+                     record.accuracy)
+            if on_record is not None:
+                on_record(record)
+        r += 1
+    if not stopped and history:
+        guidance = master.analyze(history, band, profile, context.baseline_accuracy)
+        if not guidance.continue_search and guidance.stop_reason:
             stop_reason = guidance.stop_reason
 
+    history.sort(key=lambda h: (h.revision, h.candidate))
     best = master.select_best(history)
     return SearchResult(
         history=history, best=best, best_revision=best.revision if best else None,
+        best_candidate=best.candidate if best else None,
         best_in_band=bool(best is not None and best.is_candidate), stop_reason=stop_reason,
         resumed_revisions=resumed, new_revisions=len(history) - resumed, last_guidance=guidance,
     )
+
+
+class _Candidate:
+    """One proposal of a revision on its way to a record."""
+
+    def __init__(self, proposal, verdict, signature: str):
+        self.proposal, self.verdict, self.signature = proposal, verdict, signature
+        self.candidate = 0
+        self.timings: dict[str, float] = {}
+        self.measured: Measured | None = None
+        self.post: list[str] = []
+
+
+def _next_revision(history: Sequence[RevisionRecord], k_max: int) -> int:
+    """Where a (resumed) search continues: the last revision again when it has fewer than K records."""
+    if not history:
+        return 0
+    last = max(h.revision for h in history)
+    n_last = sum(1 for h in history if h.revision == last)
+    return last if n_last < k_max else last + 1
+
+
+def _propose_candidate(ctx: StrategyContext, strategist, heuristic, validator, context: SearchContext,
+                       seen: dict[str, int], requested: str) -> tuple[_Candidate | None, str | None]:
+    """Analysis Agent + Safety validator for one candidate; (None, why) when no new plan is left."""
+    profile, band, guidance = ctx.profile, ctx.band, ctx.guidance
+    t = time.perf_counter()
+    try:
+        proposal = strategist.propose(ctx)
+    except StrategiesExhausted as exc:
+        return None, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a strategist bug must not end the search
+        if strategist is heuristic:
+            raise
+        log.warning("strategist %s failed: %s", requested, exc)
+        try:
+            proposal = heuristic.propose(ctx).model_copy(
+                update={"fallback_reason": f"strategist error: {type(exc).__name__}: {str(exc)[:200]}"})
+        except StrategiesExhausted as exc2:
+            return None, str(exc2)
+    propose_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    verdict = validator.validate(proposal, profile, ctx.history, guidance=guidance, base_plan=context.base_plan,
+                                 band=band)
+    sig = plan_signature(verdict.plan, profile.stages, profile.kinds)
+    if sig in seen and proposal.strategist != heuristic.name:
+        dup_of = _where(seen[sig], ctx)
+        try:
+            alt = heuristic.propose(ctx)
+        except StrategiesExhausted as exc:
+            return None, f"no new plan: proposal repeats {dup_of} and {exc}"
+        proposal = alt.model_copy(update={
+            "fallback_reason": (proposal.fallback_reason + "; " if proposal.fallback_reason else "")
+            + f"validated plan duplicates {dup_of} (already executed)",
+            "raw_reply": proposal.raw_reply, "notes": proposal.notes + alt.notes})
+        verdict = validator.validate(proposal, profile, ctx.history, guidance=guidance, base_plan=context.base_plan,
+                                     band=band)
+        sig = plan_signature(verdict.plan, profile.stages, profile.kinds)
+    if sig in seen:
+        return None, f"no new plan: the validated plan repeats {_where(seen[sig], ctx)}"
+    cand = _Candidate(proposal, verdict, sig)
+    cand.timings.update(propose=propose_seconds, validate=time.perf_counter() - t)
+    return cand, None
+
+
+def _where(revision: int, ctx: StrategyContext) -> str:
+    return f"revision {revision}" if revision != ctx.revision else f"another candidate of revision {revision}"
+
+
+def _record(cand: _Candidate, evaluated: Evaluated | None, r: int, requested: str, guidance: MasterGuidance,
+            master: MasterAgent, context: SearchContext) -> RevisionRecord:
+    proposal, verdict, measured = cand.proposal, cand.verdict, cand.measured
+    reasons = list(verdict.reasons) + list(measured.notes)
+    status = measured.status
+    if status == "ok" and cand.post:
+        status = "rejected"
+        reasons += [f"post-solve check: {p}" for p in cand.post]
+    verdict_status = verdict.status
+    if verdict_status == "accepted" and (measured.notes or cand.post):
+        verdict_status = "clamped" if not cand.post else "rejected"
+    measured.model = None  # release the pruned model
+    acc_before = measured.accuracy_before
+    if evaluated is not None and evaluated.accuracy_before is not None:
+        acc_before = evaluated.accuracy_before
+    timings = dict(cand.timings)
+    if evaluated is not None:  # wall seconds of the revision's fine-tuning batch (shared by its candidates)
+        timings["finetune"] = evaluated.timings.pop("batch_wall", 0.0)
+    record = RevisionRecord(
+        revision=r, candidate=cand.candidate, strategist=requested, strategist_used=proposal.strategist,
+        raw_reply=proposal.raw_reply, fallback_reason=proposal.fallback_reason,
+        strategy=proposal.strategy.model_dump(mode="json"),
+        proposal_notes=proposal.notes + (evaluated.notes if evaluated else []),
+        parent_revision=proposal.parent_revision, move=proposal.move, guidance_action=guidance.recommended_action,
+        verdict=verdict_status, verdict_reasons=reasons, proposed_plan=proposal.plan, signature=cand.signature,
+        plan=measured.plan, status=status, error=measured.error, solver_ratio=measured.solver_ratio,
+        predicted_macs=measured.predicted_macs, achieved_macs=measured.achieved_macs, params=measured.params,
+        error_pct=measured.error_pct, in_band=measured.in_band, kind_ratios=measured.kind_ratios,
+        accuracy_before=acc_before, accuracy_after=evaluated.accuracy_after if evaluated else None,
+        checkpoint_key=(evaluated.checkpoint_key if evaluated and evaluated.checkpoint_key else measured.checkpoint_key),
+        checkpoint_sha256=(evaluated.checkpoint_sha256 if evaluated and evaluated.checkpoint_key
+                           else measured.checkpoint_sha256),
+        timings={**timings, **{f"prune.{k}": v for k, v in measured.timings.items()},
+                 **({f"finetune.{k}": v for k, v in evaluated.timings.items()} if evaluated else {})},
+    )
+    record.collapsed = master.is_collapsed(record.accuracy, context.baseline_accuracy)
+    return record
 
 
 def _seen(history: Sequence[RevisionRecord], profile: ProfileSummary) -> dict[str, int]:

@@ -28,7 +28,7 @@ from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
 from .history import RevisionRecord, plan_coords, plan_signature, truncate
-from .master import rank_key
+from .master import per_revision, rank_key
 from .profiling import ProfileSummary
 from .prompts import reask_prompt, system_prompt, user_prompt
 from .safety import SafetyLimits, fallback_plan
@@ -60,6 +60,9 @@ class StrategyContext(BaseModel):
     base_plan: PruningPlan = Field(default_factory=PruningPlan)
     baseline_accuracy: float | None = None
     seed: int = 0
+    candidate: int = Field(0, ge=0, description="index of the proposal within the revision (K candidates)")
+    pending: list[PruningPlan] = Field(default_factory=list,
+                                       description="plans already proposed for this revision: propose a different shape")
 
     @property
     def family(self) -> str:
@@ -282,7 +285,7 @@ class HeuristicStrategist(Strategist):
     # -- learning from history ----------------------------------------------------------------
     def _effects(self, history: Sequence[RevisionRecord]) -> dict[str, float]:
         """move -> accuracy change vs. its parent (-inf for collapse / failure)."""
-        by_rev = {r.revision: r for r in history}
+        by_rev = {r.revision: r for r in per_revision(history)}  # a parent is its revision's best candidate
         eff: dict[str, float] = {}
         for r in history:
             if not r.move or r.parent_revision is None or r.parent_revision not in by_rev:
@@ -301,7 +304,7 @@ class HeuristicStrategist(Strategist):
     def propose(self, context: StrategyContext) -> Proposal:
         t0 = time.perf_counter()
         p, hist = context.profile, context.history
-        seen = set()
+        seen = {plan_signature(plan, p.stages, p.kinds) for plan in context.pending}
         for r in hist:
             seen.add(plan_signature(r.plan, p.stages, p.kinds))
             if r.signature:
@@ -325,7 +328,7 @@ class HeuristicStrategist(Strategist):
     def _choose(self, ctx: StrategyContext, usable) -> tuple[PruningPlan, str, int | None, str] | None:
         p, hist = ctx.profile, ctx.history
         initial = self.initial_plan(ctx)
-        if not hist:
+        if not hist and usable(initial):
             return initial, "initial", None, "revision 0: default shape " + self._shape_text(initial)
         cands = [r for r in hist if r.is_candidate]
         healthy = [r for r in cands if not r.collapsed]
@@ -333,8 +336,8 @@ class HeuristicStrategist(Strategist):
         if not cands:
             # phase 1: reach the band
             options: list[tuple[PruningPlan, str, str]] = []
-            last = hist[-1]
-            if last.status == "ok" and not last.in_band and last.error_pct is not None:
+            last = hist[-1] if hist else None
+            if last is not None and last.status == "ok" and not last.in_band and last.error_pct is not None:
                 for rt in (4, 2, 1) if p.family != "vit" else (8,):
                     if rt < last.plan.round_to:
                         options.append((last.plan.model_copy(update={"round_to": rt}), f"round_to:{rt}",
@@ -573,7 +576,7 @@ class LLMStrategist(Strategist):
         messages: list[dict[str, str]] = [
             {"role": "system", "content": system_prompt(ctx.profile, ctx.band, self.limits)},
             {"role": "user", "content": user_prompt(ctx.profile, ctx.band, ctx.history, ctx.guidance, ctx.revision,
-                                                    ctx.baseline_accuracy, self.config.history_rows)},
+                                                    ctx.baseline_accuracy, self.config.history_rows, ctx.pending)},
         ]
         raw: list[str] = []
         notes: list[str] = []

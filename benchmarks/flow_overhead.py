@@ -60,8 +60,8 @@ def plain(cfg: RunConfig) -> tuple[float, int]:
                             baseline_accuracy=baseline.val_accuracy, seed=cfg.seed)
     t = time.perf_counter()
     run_search(context, HeuristicStrategist(), validator, master,
-               lambda plan: pipeline.prune_revision(ctx, plan, n[0], validator),
-               lambda m: pipeline.finetune_revision(ctx, m, m.revision), on_record)
+               lambda plan, slot: pipeline.prune_revision(ctx, plan, slot.revision, validator, slot.candidate),
+               lambda m: pipeline.finetune_revision(ctx, m, m.revision, m.candidate), on_record)
     return time.perf_counter() - t, n[0]
 
 

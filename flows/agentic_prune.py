@@ -20,13 +20,14 @@ from agents.history import RevisionRecord
 from agents.master import MasterAgent, MasterConfig
 from agents.run_config import RunConfig
 from agents.safety import SafetyValidator
-from agents.search import SearchContext, run_search
+from agents.search import Evaluated, Measured, SearchContext, Slot, run_search
 from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist
 from pruning import runs
 from pruning.plan import PruningPlan
 from pruning.report import mac_plot_png, markdown_table
 from tasks import run_tasks
 from tasks.agent_tasks import TaskStrategist, TaskValidator
+from tasks.engines import candidate_runner, finetune_on_deployment
 
 
 class RunSummary(BaseModel):
@@ -38,6 +39,7 @@ class RunSummary(BaseModel):
     new_revisions: int
     stop_reason: str
     best_revision: int | None
+    best_candidate: int | None = None
     base_macs: float
     target_macs: float
     achieved_macs: float | None
@@ -53,7 +55,7 @@ def _artifact_key(run_id: str, what: str) -> str:
 
 
 def _row(r: RevisionRecord) -> dict:
-    return {"revision": r.revision, "strategist": r.strategist_used, "verdict": r.verdict, "status": r.status,
+    return {"revision": r.revision, "candidate": r.candidate, "strategist": r.strategist_used, "verdict": r.verdict, "status": r.status,
             "MACs (G)": None if r.achieved_macs is None else round(r.achieved_macs / 1e9, 5),
             "error %": None if r.error_pct is None else round(r.error_pct, 3), "in band": r.in_band,
             "acc before": None if r.accuracy_before is None else round(r.accuracy_before, 4),
@@ -68,6 +70,13 @@ def _strategist(config: RunConfig):
     return HeuristicStrategist()
 
 
+def _shareable(config: RunConfig) -> RunConfig:
+    """A local store as an absolute path, so workers in other processes write to the same directory."""
+    if config.store.startswith("s3://"):
+        return config
+    return config.model_copy(update={"store": os.path.abspath(os.path.expanduser(config.store))})
+
+
 def flow_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -80,6 +89,7 @@ def flow_run_name() -> str:
 def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
     """Prune ``config.model`` onto ``config.target_macs`` with an agent in the loop; resumable."""
     log = get_run_logger()
+    config = _shareable(config)
     info = run_tasks.open_run(config)
     run_id = info.run_id
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,
@@ -97,26 +107,35 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
         master = MasterAgent(MasterConfig(max_revisions=config.max_revisions, extra_revisions=config.extra_revisions))
         resume = run_tasks.load_history(config, run_id)
         rows = [_row(r) for r in resume]
-        progress_id = create_progress_artifact(progress=100.0 * len(resume) / config.max_revisions,
+        revisions_done = lambda: len({row["revision"] for row in rows})  # noqa: E731
+        progress_id = create_progress_artifact(progress=100.0 * revisions_done() / config.max_revisions,
                                                key=_artifact_key(run_id, "progress"),
                                                description="revisions done / max revisions")
 
-        def prune_and_measure(plan: PruningPlan):
-            revision = len(rows)
-            return run_tasks.prune(config, run_id, plan, revision, validator)
+        def prune_and_measure(plan: PruningPlan, slot: Slot):
+            return run_tasks.prune(config, run_id, plan, slot.revision, validator, slot.candidate)
 
-        def finetune_and_evaluate(measured):
-            return run_tasks.finetune(config, run_id, measured, measured.revision)
+        def finetune_batch(items: list[Measured]) -> list[Evaluated]:
+            if config.finetune_deployment:
+                return finetune_on_deployment(config.finetune_deployment, config, run_id, items)
+            if runner is None:
+                futures = [run_tasks.finetune.submit(config, run_id, m, m.revision, m.candidate) for m in items]
+            else:
+                futures = [runner.submit(run_tasks.finetune, parameters=dict(
+                    config=config, run_id=run_id, measured=m, revision=m.revision, candidate=m.candidate))
+                    for m in items]
+            return [f.result() for f in futures]
 
         def on_record(record: RevisionRecord) -> None:
             run_tasks.persist_record(config, run_id, record)
             rows.append(_row(record))
             create_table_artifact(table=rows, key=_artifact_key(run_id, "revisions"),
                                   description=f"revisions of {run_id}")
-            update_progress_artifact(progress_id, progress=min(100.0, 100.0 * len(rows) / config.max_revisions))
+            update_progress_artifact(progress_id, progress=min(100.0, 100.0 * revisions_done() / config.max_revisions))
             rationale = (record.strategy or {}).get("rationale") or record.move or ""
-            log.info("revision %d: master says %r; %s proposed %s; validator %s%s; %s: %s MACs (error %s%%, in band "
-                     "%s), val acc %s -> %s after inline fine-tuning%s", record.revision, record.guidance_action,
+            log.info("revision %d.%d: master says %r; %s proposed %s; validator %s%s; %s: %s MACs (error %s%%, in band "
+                     "%s), val acc %s -> %s after inline fine-tuning%s", record.revision, record.candidate,
+                     record.guidance_action,
                      record.strategist_used, rationale[:200] or "a plan", record.verdict,
                      f" ({'; '.join(record.verdict_reasons)[:300]})" if record.verdict_reasons else "",
                      record.status, record.achieved_macs,
@@ -127,11 +146,18 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
 
         strategist = _strategist(config)
         context = SearchContext(band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,
-                                round_to=config.round_to), baseline_accuracy=baseline.val_accuracy, seed=config.seed)
-        result = run_search(context, TaskStrategist(strategist), TaskValidator(validator), master, prune_and_measure,
-                            finetune_and_evaluate, on_record, resume_history=resume)
+                                round_to=config.round_to), baseline_accuracy=baseline.val_accuracy, seed=config.seed,
+                                candidates_per_revision=config.candidates_per_revision)
+        where = config.finetune_deployment and f"deployment {config.finetune_deployment}" or config.task_runner
+        log.info("%d candidate(s) per revision, fine-tuned on %s", config.candidates_per_revision, where)
+        with candidate_runner("local" if config.finetune_deployment else config.task_runner,
+                              workers=config.candidates_per_revision) as runner:
+            result = run_search(context, TaskStrategist(strategist), TaskValidator(validator), master,
+                                prune_and_measure, on_record=on_record, resume_history=resume,
+                                finetune_batch=finetune_batch)
         update_progress_artifact(progress_id, progress=100.0)
-        log.info("search stopped: %s; best revision %s", result.stop_reason, result.best_revision)
+        log.info("search stopped: %s; best revision %s candidate %s", result.stop_reason, result.best_revision,
+                 result.best_candidate)
 
         final = None
         latency_md = None
@@ -179,7 +205,7 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
     ]
     if best is not None and final is not None:
         lines += [
-            f"- **best revision {best.revision}**: {best.achieved_macs / 1e9:.4g} G MACs "
+            f"- **best revision {best.revision}{f' candidate {best.candidate}' if best.candidate else ''}**: {best.achieved_macs / 1e9:.4g} G MACs "
             f"(error {best.error_pct:+.3f}%), {best.params / 1e6:.3g} M params, val acc after inline FT "
             f"{best.accuracy_after}, test acc after extended FT {final.test_accuracy:.4f}",
         ]
@@ -196,6 +222,7 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
     return RunSummary(
         run_id=ctx.run_id, store=ctx.store.describe(), resumed_revisions=result.resumed_revisions,
         new_revisions=result.new_revisions, stop_reason=result.stop_reason, best_revision=result.best_revision,
+        best_candidate=result.best_candidate,
         base_macs=baseline.base_macs, target_macs=band.target_macs,
         achieved_macs=best.achieved_macs if best else None, error_pct=best.error_pct if best else None,
         baseline_test_accuracy=baseline.test_accuracy, final_test_accuracy=final.test_accuracy if final else None,

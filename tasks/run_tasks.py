@@ -35,24 +35,24 @@ def profile(config: RunConfig, run_id: str) -> ProfileSummary:
     return pipeline.profile_run(pipeline.get_context(config, run_id))
 
 
-@task(name="prune-and-measure", **_io)
-def prune(config: RunConfig, run_id: str, plan: PruningPlan, revision: int, validator) -> Measured:
+@task(name="prune-and-measure", task_run_name="prune-r{revision}c{candidate}", **_io)
+def prune(config: RunConfig, run_id: str, plan: PruningPlan, revision: int, validator, candidate: int = 0) -> Measured:
     """Prune the original weights with the plan scaled onto the target; MACs re-counted; bundle stored."""
-    return pipeline.prune_revision(pipeline.get_context(config, run_id), plan, revision, validator)
+    return pipeline.prune_revision(pipeline.get_context(config, run_id), plan, revision, validator, candidate)
 
 
-@task(name="inline-finetune-evaluate", **_io)
-def finetune(config: RunConfig, run_id: str, measured: Measured, revision: int) -> Evaluated:
-    """Inline fine-tuning of an in-band candidate and validation accuracy."""
-    return pipeline.finetune_revision(pipeline.get_context(config, run_id), measured, revision)
+@task(name="inline-finetune-evaluate", task_run_name="finetune-r{revision}c{candidate}", **_io)
+def finetune(config: RunConfig, run_id: str, measured: Measured, revision: int, candidate: int = 0) -> Evaluated:
+    """Inline fine-tuning of an in-band candidate and validation accuracy (reads and writes only the store)."""
+    return pipeline.finetune_revision(pipeline.get_context(config, run_id), measured, revision, candidate)
 
 
-@task(name="persist-revision", **_io)
+@task(name="persist-revision", task_run_name="persist-r{record.revision}c{record.candidate}", **_io)
 def persist_record(config: RunConfig, run_id: str, record: RevisionRecord) -> int:
-    """Append the revision record to history.jsonl (idempotent: a revision already stored is not added again)."""
+    """Append the record to history.jsonl (idempotent: a (revision, candidate) already stored is not added again)."""
     ctx = pipeline.get_context(config, run_id)
-    done = {r["revision"] for r in runs.read_history(ctx.store, run_id)}
-    if record.revision not in done:
+    done = {(r["revision"], r.get("candidate", 0)) for r in runs.read_history(ctx.store, run_id)}
+    if (record.revision, record.candidate) not in done:
         ctx.store.append_jsonl(ctx.key("history.jsonl"), record.model_dump(mode="json"))
     return record.revision
 

@@ -11,7 +11,7 @@ from agents.engine_bridge import engine_callbacks, logit_similarity_evaluator
 from agents.history import from_jsonl, history_dataframe, to_jsonl
 from agents.master import MasterAgent, MasterConfig
 from agents.safety import SafetyValidator
-from agents.search import SearchContext, run_search
+from agents.search import Evaluated, SearchContext, run_search
 from agents.strategists import HeuristicStrategist
 from pruning.solver import MacBand
 from pruning.space import count_macs_params, example_input
@@ -40,9 +40,9 @@ def make_master():
 
 
 def counting(fn, calls):
-    def wrapped(plan):
+    def wrapped(plan, slot):
         calls.append(plan)
-        return fn(plan)
+        return fn(plan, slot)
 
     return wrapped
 
@@ -124,7 +124,7 @@ def test_resume_rejects_gaps(setup, full_run):
     *_, ctx = setup
     full, _ = full_run
     with pytest.raises(ValueError, match="without gaps"):
-        run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(), lambda p: None,
+        run_search(ctx, HeuristicStrategist(), SafetyValidator(), make_master(), lambda p, s: None,
                    resume_history=[full.history[0], full.history[2]])
 
 
@@ -162,3 +162,62 @@ def test_taylor_with_calibrated_copy(setup):
     r = res.history[0]
     assert r.plan.importance == "taylor" and r.in_band and r.status == "ok"
     assert all(p.grad is None for p in model.parameters())  # the original is untouched
+
+
+# -- K candidates per revision -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def batched_run(setup):
+    model, ex, band, bridge, ctx = setup
+    ctx3 = ctx.model_copy(update={"candidates_per_revision": 3})
+    batches = []
+
+    def batch(items):  # stands in for parallel fine-tuning: records what was submitted together
+        batches.append([(m.revision, m.candidate) for m in items])
+        return [Evaluated(accuracy_after=m.accuracy_before) for m in items]
+
+    seen = []
+    res = run_search(ctx3, HeuristicStrategist(), SafetyValidator(),
+                     MasterAgent(MasterConfig(max_revisions=3, extra_revisions=2, collapse_drop=0.2)),
+                     bridge.prune_and_measure, on_record=seen.append, finetune_batch=batch)
+    return ctx3, res, seen, batches
+
+
+def test_k_candidates_per_revision_are_distinct_and_batched(setup, batched_run):
+    *_, band, bridge, ctx = setup
+    ctx3, res, seen, batches = batched_run
+    h = res.history
+    slots = [(r.revision, r.candidate) for r in h]
+    assert slots == [(r, c) for r in range(3) for c in range(3)], slots  # one record per candidate, in order
+    assert seen == h
+    assert len({r.signature for r in h}) == len(h)  # no shape evaluated twice, also within a revision
+    # the fine-tuning callback got each revision's in-band candidates together, once
+    assert batches == [[(r, c) for c in range(3)] for r in range(3)]
+    assert all(r.in_band and band.contains(r.achieved_macs) for r in h)
+    assert h[0].move == "initial" and h[1].move != "initial"
+    # the master chose the best over all 9 candidates
+    assert res.best.accuracy == max(r.accuracy for r in h)
+    assert (res.best_revision, res.best_candidate) == (res.best.revision, res.best.candidate)
+
+
+def test_resume_completes_a_partly_recorded_revision(setup, batched_run):
+    *_, bridge, ctx = setup
+    ctx3, full, _, _ = batched_run
+    calls = []
+    partial = full.history[:4]  # revision 0 complete, revision 1 only candidate 0
+
+    res = run_search(ctx3, HeuristicStrategist(), SafetyValidator(),
+                     MasterAgent(MasterConfig(max_revisions=3, extra_revisions=2, collapse_drop=0.2)),
+                     counting(bridge.prune_and_measure, calls), resume_history=partial,
+                     finetune_batch=lambda items: [Evaluated(accuracy_after=m.accuracy_before) for m in items])
+    assert len(calls) == 9 - 4  # recorded candidates are not pruned again
+    assert [(r.revision, r.candidate) for r in res.history] == [(r.revision, r.candidate) for r in full.history]
+    assert [r.model_dump(include=set(COMPARED)) for r in res.history] == [
+        r.model_dump(include=set(COMPARED)) for r in full.history]
+
+
+def test_history_rejects_a_slot_twice(setup, batched_run):
+    ctx3, full, _, _ = batched_run
+    from agents.history import check_history
+
+    with pytest.raises(ValueError, match="revision 1 candidate 2 twice"):
+        check_history(full.history + [full.history[5]])

@@ -201,7 +201,7 @@ def test_unreachable_endpoint_fails_at_startup(cnn):
     bridge, ctx = cnn
     bad = LLMStrategist(LLMConfig(base_url="http://127.0.0.1:9/v1", model="test-model", timeout=1, http_retries=0))
     with pytest.raises(LLMUnavailable, match="unreachable"):
-        run_search(ctx, bad, SafetyValidator(), MasterAgent(max_revisions=1), lambda p: calls.append(p))
+        run_search(ctx, bad, SafetyValidator(), MasterAgent(max_revisions=1), lambda p, s: calls.append(p))
     assert calls == []  # nothing was pruned
 
 

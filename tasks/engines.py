@@ -1,0 +1,149 @@
+"""Where the candidates of a revision run: the flow's own threads, a Dask cluster, or a Ray cluster.
+
+``candidate_runner(spec)`` turns the ``--task-runner`` string of a :class:`~agents.run_config.RunConfig`
+into a started Prefect task runner (used as a context manager inside the flow), so one flow and
+one deployment serve every engine::
+
+    local                 threads in the flow process (Prefect's ThreadPoolTaskRunner)
+    dask                  a Dask LocalCluster started for this run (one single-threaded worker per candidate)
+    dask://HOST:8786      an existing Dask cluster (``dask scheduler`` + ``dask worker`` on other machines)
+    ray / ray://HOST:PORT a local or existing Ray cluster (needs ``pip install agentic-pruner[ray]``)
+
+Workers receive only the run config, the run id and store keys: they read the original model and
+the pruned bundle from the artifact store and write their checkpoints back to it, so they can run
+on other machines as long as they reach the same store (S3) and the Prefect API.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from prefect.task_runners import TaskRunner
+
+log = logging.getLogger("tasks.engines")
+
+
+class EngineUnavailable(RuntimeError):
+    """The requested task runner cannot be used (not installed, or its cluster cannot be reached)."""
+
+
+def _dask_address(spec: str) -> str | None:
+    if spec == "dask":
+        return None
+    host = spec.split("://", 1)[1]
+    return f"tcp://{host}"
+
+
+def _make_runner(spec: str, workers: int) -> TaskRunner | None:
+    if spec == "local":
+        return None
+    if spec == "dask" or spec.startswith(("dask://", "tcp://")):
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise EngineUnavailable(f"task runner '{spec}' needs prefect-dask: pip install prefect-dask ({exc})") from None
+        address = _dask_address(spec)
+        if address:
+            return DaskTaskRunner(address=address, client_kwargs={"timeout": "15s"})
+        threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None,
+                                              "env": {"OMP_NUM_THREADS": str(threads)}})
+    if spec == "ray" or spec.startswith("ray://"):
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError as exc:
+            raise EngineUnavailable(f"task runner '{spec}' needs prefect-ray: pip install 'agentic-pruner[ray]' "
+                                    f"({exc})") from None
+        return RayTaskRunner(address=spec if spec != "ray" else None)
+    raise EngineUnavailable(f"unknown task runner '{spec}'")
+
+
+@contextlib.contextmanager
+def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]:
+    """The started task runner for ``spec`` (None = submit to the flow's own runner); connects eagerly.
+
+    An unreachable cluster fails here, before any candidate is pruned, with a one-line error.
+    """
+    runner = _make_runner(spec, workers)
+    if runner is None:
+        yield None
+        return
+    try:
+        runner.__enter__()
+        if hasattr(runner, "client"):
+            runner.client  # noqa: B018 - connect now: a wrong address must fail before the search starts
+    except EngineUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - classified into one clear message
+        with contextlib.suppress(Exception):
+            runner.__exit__(None, None, None)
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EngineUnavailable(f"cannot start task runner '{spec}': {first[:300]}") from None
+    log.info("candidates run on %s", spec)
+    try:
+        yield runner
+    finally:
+        runner.__exit__(None, None, None)
+
+
+def finetune_on_deployment(deployment: str, config, run_id: str, items: list, poll_seconds: float = 2.0,
+                           crash_retries: int = 1) -> list:
+    """Fine-tune each measured candidate as a run of the ``finetune-candidate`` deployment; wait for all.
+
+    Runs are started together (``run_deployment(timeout=0)``, linked to the calling flow as subflows),
+    so a work pool with N workers fine-tunes N candidates at once. Results are read back from the
+    artifact store, where the candidate flow wrote them. A run that crashed (its worker or machine
+    died) is started again up to ``crash_retries`` times; finished candidates are never re-trained.
+    """
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    from agents import pipeline
+
+    ctx = pipeline.get_context(config, run_id)
+    worker_config = config.model_copy(update={"finetune_deployment": None, "task_runner": "local"})
+
+    def start(m):
+        params = {"config": worker_config.model_dump(mode="json"), "run_id": run_id,
+                  "measured": m.model_dump(mode="json"), "revision": m.revision, "candidate": m.candidate}
+        try:
+            return run_deployment(name=deployment, parameters=params, timeout=0, as_subflow=True)
+        except ObjectNotFound:
+            raise EngineUnavailable(f"deployment '{deployment}' not found on the Prefect API: deploy the "
+                                    "finetune-candidate flow first (see deployments/README.md)") from None
+
+    runs = {i: start(m) for i, m in enumerate(items)}
+    retries = {i: crash_retries for i in runs}
+    done: dict[int, object] = {}
+    with get_client(sync_client=True) as client:
+        while len(done) < len(items):
+            time.sleep(poll_seconds)
+            for i, fr in runs.items():
+                if i in done:
+                    continue
+                state = client.read_flow_run(fr.id).state
+                if state is None or not state.is_final():
+                    continue
+                m = items[i]
+                if state.is_completed():
+                    evaluated = pipeline.read_evaluated(ctx, m.revision, m.candidate, m.checkpoint_sha256)
+                    if evaluated is None:
+                        raise RuntimeError(f"deployment run {fr.name} completed but candidate r{m.revision}c"
+                                           f"{m.candidate} left no result in {ctx.store.describe()}")
+                    evaluated.notes.append(f"fine-tuned by deployment run {fr.name} ({deployment})")
+                    done[i] = evaluated
+                elif state.is_crashed() and retries[i] > 0:
+                    retries[i] -= 1
+                    log.warning("deployment run %s crashed (%s); starting candidate r%dc%d again", fr.name,
+                                state.message, m.revision, m.candidate)
+                    runs[i] = start(m)
+                else:
+                    raise RuntimeError(f"candidate r{m.revision}c{m.candidate}: deployment run {fr.name} ended "
+                                       f"{state.name}: {(state.message or '')[:300]}")
+    return [done[i] for i in range(len(items))]
