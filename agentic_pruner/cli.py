@@ -324,10 +324,11 @@ def _execute(config) -> int:
     summary = agentic_prune(config)
     store = open_store(config.store)
     print()
-    print(f"run {summary.run_id}: {summary.new_revisions} new + {summary.resumed_revisions} resumed revisions; "
-          f"stop: {summary.stop_reason}")
+    print(f"run {summary.run_id}: {summary.new_revisions} new + {summary.resumed_revisions} resumed records "
+          f"({config.candidates_per_revision} candidate(s) per revision); stop: {summary.stop_reason}")
     if summary.best_revision is not None and summary.achieved_macs is not None:
-        print(f"best revision {summary.best_revision}: {summary.achieved_macs / 1e9:.4g} G MACs "
+        cand = f" candidate {summary.best_candidate}" if summary.best_candidate else ""
+        print(f"best revision {summary.best_revision}{cand}: {summary.achieved_macs / 1e9:.4g} G MACs "
               f"(target {summary.target_macs / 1e9:.4g} G, error {summary.error_pct:+.3f}%, "
               f"original {summary.base_macs / 1e9:.4g} G); test accuracy {summary.final_test_accuracy} "
               f"(original {summary.baseline_test_accuracy:.4f})")

@@ -163,8 +163,8 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
         latency_md = None
         if result.best is not None and result.best_in_band:
             final = run_tasks.finalize(config, run_id, result.best)
-            log.info("final model (revision %d): test acc %.4f (inline %.4f, baseline %.4f)", final.revision,
-                     final.test_accuracy, final.inline_test_accuracy, baseline.test_accuracy)
+            log.info("final model (revision %d candidate %d): test acc %.4f (inline %.4f, baseline %.4f)",
+                     final.revision, result.best.candidate, final.test_accuracy, final.inline_test_accuracy, baseline.test_accuracy)
             if config.latency:
                 report = run_tasks.latency(config, run_id, final)
                 latency_md = report.to_markdown()

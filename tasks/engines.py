@@ -36,6 +36,17 @@ def _dask_address(spec: str) -> str | None:
     return f"tcp://{host}"
 
 
+def _api_url() -> str | None:
+    """The Prefect API this process talks to (the ephemeral server's URL when none is configured)."""
+    try:
+        from prefect.client.orchestration import get_client
+
+        url = str(get_client().api_url)
+    except Exception:  # noqa: BLE001 - outside a Prefect context: workers fall back to their own settings
+        return None
+    return url if url.startswith("http") else None
+
+
 def _make_runner(spec: str, workers: int) -> TaskRunner | None:
     if spec == "local":
         return None
@@ -48,9 +59,13 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         if address:
             return DaskTaskRunner(address=address, client_kwargs={"timeout": "15s"})
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+        env = {"OMP_NUM_THREADS": str(threads), "DASK_LOGGING__DISTRIBUTED": "warning"}
+        api = _api_url()
+        if api:  # workers report their task runs to the flow's API (also the flow's ephemeral one)
+            env["PREFECT_API_URL"] = api
+        logging.getLogger("distributed").setLevel(logging.WARNING)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None,
-                                              "env": {"OMP_NUM_THREADS": str(threads)}})
+                                              "dashboard_address": None, "env": env})
     if spec == "ray" or spec.startswith("ray://"):
         try:
             from prefect_ray import RayTaskRunner
