@@ -321,6 +321,10 @@ def _execute(config) -> int:
 
         parse_macs(config.target_macs)  # malformed numbers fail before any work
     open_store(config.store).check()  # unreachable storage / wrong credentials fail before any work
+    if not config.finetune_deployment:
+        from tasks.engines import check_reachable
+
+        check_reachable(config.task_runner)  # an unreachable cluster too
     summary = agentic_prune(config)
     store = open_store(config.store)
     print()

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -312,6 +314,11 @@ def load_bundle(ctx: RunContext, key: str, sha256: str | None) -> tuple[nn.Modul
     return rebuild(bundle), bundle
 
 
+def worker_identity() -> str:
+    """host:pid (parent pid) of the process doing the work, recorded with every fine-tuned candidate."""
+    return f"{socket.gethostname()}:{os.getpid()} (parent {os.getppid()})"
+
+
 def read_evaluated(ctx: RunContext, revision: int, candidate: int = 0, source_sha256: str | None = None
                    ) -> Evaluated | None:
     """The stored fine-tuning result of a candidate (None when absent or made from another pruned bundle)."""
@@ -353,7 +360,8 @@ def finetune_revision(ctx: RunContext, measured: Measured, revision: int, candid
     key = runs.revision_key(ctx.run_id, revision, candidate)
     sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
     evaluated = Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
-                          timings={"finetune_eval_save": time.perf_counter() - t})
+                          timings={"finetune_eval_save": time.perf_counter() - t},
+                          notes=[f"fine-tuned on {worker_identity()}"])
     ctx.store.put_json(_evaluated_key(ctx, revision, candidate),
                        {"source_sha256": measured.checkpoint_sha256, "evaluated": evaluated.model_dump(mode="json")})
     ctx.store.delete(measured.checkpoint_key)  # the pre-fine-tuning bundle is not needed any more

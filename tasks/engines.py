@@ -76,6 +76,22 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
     raise EngineUnavailable(f"unknown task runner '{spec}'")
 
 
+def check_reachable(spec: str, timeout: float = 5.0) -> None:
+    """Fail fast (before any pruning work) when a remote cluster's address does not accept connections."""
+    if "://" not in spec:
+        return
+    import socket
+
+    hostport = spec.split("://", 1)[1]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise EngineUnavailable(f"task runner '{spec}' needs HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise EngineUnavailable(f"cannot reach the cluster of task runner '{spec}': {exc}") from None
+
+
 @contextlib.contextmanager
 def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]:
     """The started task runner for ``spec`` (None = submit to the flow's own runner); connects eagerly.

@@ -1,0 +1,231 @@
+"""K candidates per revision on real engines: the local runner, a loopback Dask cluster (with a worker
+killed mid-task) and a Prefect process work pool with two workers, all against one Prefect server and
+an S3 store; the history semantics must be identical everywhere."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from agents.run_config import RunConfig
+from pruning import runs
+from pruning.store import open_store
+
+from s3_server import free_ports, seaweed_s3
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+K = 2
+QUICK = ["--model", "resnet18", "--num-classes", "10", "--target-macs", "45%", "--max-revisions", "2",
+         "--extra-revisions", "3", "--inline-epochs", "1", "--extended-epochs", "0", "--max-train-batches", "3",
+         "--calibration-batches", "1", "--no-latency", "--candidates-per-revision", str(K)]
+
+
+# -- process helpers ---------------------------------------------------------------------------------
+def _start(cmd, env, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """TERM the process group twice (Prefect workers ignore the first), then KILL."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace / 2)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, f"{url} server exited:\n{log.read_text()[-3000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not come up in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A Prefect server and an S3 server on loopback; the environment every process of the tests shares."""
+    tmp = tmp_path_factory.mktemp("scale_out")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    base.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
+                OMP_NUM_THREADS="1", AGENTIC_PRUNER_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1")
+    (tmp / "prefect").mkdir()
+    port = free_ports(1)[0]
+    server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], base,
+                    tmp / "server.log")
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/api/health", server, tmp / "server.log")
+        base["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+        with seaweed_s3() as s3:
+            base.update(s3.env())
+            s3.create_bucket("scale")
+            yield base, tmp
+    finally:
+        _stop(server)
+
+
+def _run_cli(args, env, log: Path, timeout=900) -> subprocess.CompletedProcess:
+    with log.open("w") as f:
+        return subprocess.run([str(BIN / "agentic-pruner"), "run", *QUICK, *args], env=env, stdout=f,
+                              stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout)
+
+
+def _check_history(store_url: str, env: dict, expect_revisions: int = 2) -> list[dict]:
+    """Same semantics on every engine: one record per (revision, candidate), each checkpoint in the store once."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"):
+        if k in env:
+            os.environ[k] = env[k]
+    store = open_store(store_url)
+    run_ids = sorted({k.split("/")[0] for k in store.list() if k.endswith("/history.jsonl")})
+    assert len(run_ids) == 1, run_ids
+    history = runs.read_history(store, run_ids[0])
+    slots = [(r["revision"], r["candidate"]) for r in history]
+    assert sorted(slots) == [(r, c) for r in range(expect_revisions) for c in range(K)], slots
+    keys = [r["checkpoint_key"] for r in history if r["in_band"]]
+    assert keys and len(keys) == len(set(keys))
+    for r in history:
+        if r["in_band"]:
+            assert store.stored_sha256(r["checkpoint_key"]) == r["checkpoint_sha256"]
+            assert r["accuracy_after"] is not None
+    stored = set(store.list(f"{run_ids[0]}/revisions/"))
+    assert not [k for k in stored if k.endswith(".pruned.pt")]  # every candidate was fine-tuned and cleaned up
+    assert len({r["signature"] for r in history}) == len(history)
+    return history
+
+
+def _workers(history: list[dict]) -> set[str]:
+    return {n.split("fine-tuned on ", 1)[1] for r in history for n in r["proposal_notes"] if "fine-tuned on " in n}
+
+
+def _prefect(env):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(api=env["PREFECT_API_URL"])
+
+
+# -- the tests -----------------------------------------------------------------------------------------
+def test_local_runner_k_candidates(env):
+    base, tmp = env
+    store = "s3://scale/local"
+    done = _run_cli(["--store", store], base, tmp / "local.log")
+    assert done.returncode == 0, (tmp / "local.log").read_text()[-3000:]
+    history = _check_history(store, base)
+    assert len({w.split(" (")[0] for w in _workers(history)}) == 1  # threads of the flow process
+
+
+def test_dask_cluster_survives_a_killed_worker(env):
+    base, tmp = env
+    sched_port = free_ports(1)[0]
+    scheduler = _start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
+                        "--dashboard-address", ":0"], base, tmp / "scheduler.log")
+    workers = []
+    try:
+        time.sleep(3)
+        address = f"tcp://127.0.0.1:{sched_port}"
+        for i in range(2):
+            workers.append(_start([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+                                   "--no-dashboard", "--name", f"w{i}"], base, tmp / f"worker{i}.log"))
+        time.sleep(5)
+        store = "s3://scale/dask"
+        log = tmp / "dask-run.log"
+        # longer fine-tuning so that a worker can be killed while it trains
+        args = ["--store", store, "--task-runner", f"dask://127.0.0.1:{sched_port}", "--max-train-batches", "40"]
+        with log.open("w") as f:
+            run = subprocess.Popen([str(BIN / "agentic-pruner"), "run", *QUICK, *args], env=base, stdout=f,
+                                   stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        client = _prefect(base)
+        killed = False
+        deadline = time.time() + 600
+        try:
+            while not killed and time.time() < deadline:
+                assert run.poll() is None, log.read_text()[-3000:]
+                running = [t for t in client.read_task_runs() if t.name.startswith("finetune-r0")
+                           and t.state is not None and t.state.is_running()]
+                if len(running) == K:  # both workers busy: whichever dies takes a running candidate with it
+                    time.sleep(1.0)
+                    os.killpg(workers[0].pid, signal.SIGKILL)
+                    killed = True
+                time.sleep(0.3)
+            assert killed, "never saw both candidates running"
+            assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
+        finally:
+            _stop(run)
+        history = _check_history(store, base)
+        # the killed worker finished nothing: its candidate was run again on the survivor, which did the rest
+        assert len(_workers(history)) == 1, _workers(history)
+        reruns = [t.name for t in client.read_task_runs() if t.name.startswith("finetune-r0") and sum(
+            s.is_running() for s in client.read_task_run_states(t.id)) >= 2]
+        assert len(reruns) == 1, reruns
+        flows = [f for f in client.read_flow_runs() if f.name.startswith("prune-resnet18")]
+        assert flows and all(f.state.is_completed() for f in flows if f.state and f.state.is_final())
+        finetunes = [t for t in client.read_task_runs() if t.name.startswith("finetune-")]
+        assert finetunes and all(t.state.is_completed() for t in finetunes), [
+            (t.name, t.state.type) for t in finetunes]
+    finally:
+        for w in workers:
+            _stop(w)
+        _stop(scheduler)
+
+
+def test_process_work_pool_with_two_workers(env):
+    base, tmp = env
+    prefect = str(BIN / "prefect")
+    subprocess.run([prefect, "work-pool", "create", "candidate-pool", "--type", "process"], env=base, cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    deployed = subprocess.run([prefect, "--no-prompt", "deploy", "--prefect-file", "deployments/prefect.yaml",
+                               "--name", "finetune-candidate/local"], env=base, cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
+    workers = [_start([prefect, "worker", "start", "--pool", "candidate-pool", "--type", "process", "--limit", "1",
+                       "--name", f"pool-worker-{i}"], base, tmp / f"pool-worker{i}.log") for i in range(2)]
+    try:
+        time.sleep(5)
+        store = "s3://scale/pool"
+        done = _run_cli(["--store", store, "--finetune-deployment", "finetune-candidate/local",
+                         "--max-train-batches", "10"], base, tmp / "pool-run.log")
+        assert done.returncode == 0, (tmp / "pool-run.log").read_text()[-3000:]
+    finally:
+        for w in workers:
+            _stop(w)
+    history = _check_history(store, base)
+    notes = [n for r in history for n in r["proposal_notes"]]
+    assert sum("deployment run" in n for n in notes) == len(history)
+    # the candidates ran in flow-run subprocesses of both workers (parent pid = the worker)
+    worker_pids = {w.split("parent ")[1].rstrip(")") for w in _workers(history)}
+    assert len(worker_pids) == 2, _workers(history)
+    client = _prefect(base)
+    runs_ = [f for f in client.read_flow_runs() if f.name.startswith("finetune-r")]
+    assert len(runs_) == len(history) and all(f.state.is_completed() for f in runs_)
+
+
+def test_unreachable_dask_scheduler_is_one_line_error(env):
+    base, tmp = env
+    port = free_ports(1)[0]
+    done = _run_cli(["--store", str(tmp / "never"), "--task-runner", f"dask://127.0.0.1:{port}"], base,
+                    tmp / "bad.log", timeout=300)
+    err = (tmp / "bad.log").read_text().strip().splitlines()[-1]
+    assert done.returncode == 2 and err.startswith("error: cannot reach the cluster"), err
+    assert RunConfig(task_runner="dask://h:1").task_runner == "dask://h:1"
+    with pytest.raises(ValueError, match="unknown task runner"):
+        RunConfig(task_runner="spark://h")
