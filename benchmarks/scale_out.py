@@ -9,13 +9,21 @@ script starts its own Prefect API server (``prefect server start`` with a privat
 its own Dask clusters, and stops them at the end, also on errors. Every measurement gets a fresh
 store directory and its own run id, so nothing resumes.
 
+The flow is called in this process (``agentic_prune(RunConfig(...))``), not through the CLI in a
+subprocess: the wall time is taken around the flow call itself, so interpreter, torch and Prefect
+start-up (~10 s on 2 cores, and noisy) stay out of it; one warm-up run first loads the default model,
+the data and Prefect's client, so no measured run pays for them; errors propagate with tracebacks.
+The Dask workers are warmed up the same way (imports, data, one Prefect task) before any measurement.
+Runs are interleaved by K (K=1 on 1 then 2 workers, then K=2, ...), so the two worker counts compared
+at one K run close together in time on a shared machine.
+
 From the measured numbers it projects the wall time on N GPU workers (N = 1, 2, 4, 8):
 T(N) = T_serial(K) + sum over revisions of ceil(k_r / N) * (t_candidate + t_dispatch), see the
 README section for the assumptions.
 
 Writes benchmarks/results/scale_out.csv (measured), scale_out_projection.csv (projection; the name of
 --out with ``_projection``) and the tables between the markers in benchmarks/README.md.
-Usage: python benchmarks/scale_out.py [--k 1 2 4] [--workers 1 2] [--revisions 2] [--inline-epochs 8]
+Usage: python benchmarks/scale_out.py [--k 1 2 4] [--workers 1 2] [--revisions 2] [--inline-epochs 10]
        [--max-train-batches N] [--out CSV] [--no-readme] [--smoke] [--keep]
 """
 from __future__ import annotations
@@ -44,7 +52,7 @@ PROJECTION_WORKERS = (1, 2, 4, 8)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 # full run / --smoke defaults (explicit flags override either)
-FULL = dict(k=[1, 2, 4], workers=[1, 2], revisions=2, inline_epochs=8, max_train_batches=None)
+FULL = dict(k=[1, 2, 4], workers=[1, 2], revisions=2, inline_epochs=10, max_train_batches=None)
 SMOKE = dict(k=[1, 2], workers=[1, 2], revisions=2, inline_epochs=1, max_train_batches=2)
 
 
@@ -122,6 +130,9 @@ def _warm_worker() -> dict:
     from prefect import task
 
     import tasks.run_tasks  # noqa: F401 - what the fine-tuning tasks import
+    from pruning.data import DataConfig, build_data
+
+    build_data(DataConfig(spec="digits", seed=0))  # first build in a process imports and loads the data set
 
     @task(name="scale-out-warm-up")
     def ping() -> int:
@@ -133,7 +144,8 @@ def _warm_worker() -> dict:
 
 @contextlib.contextmanager
 def dask_cluster(n_workers: int, worker_env: dict):
-    """A LocalCluster of ``n_workers`` single-threaded worker processes; yields (address without tcp://, threads).
+    """A LocalCluster of ``n_workers`` single-threaded worker processes; yields (address without tcp://,
+    torch threads per worker, worker pids).
 
     Dask's Nanny writes its pre-spawn environment (OMP_NUM_THREADS=1 etc. unless set) into *this*
     process's os.environ before spawning the workers; the thread variables are therefore set here for
@@ -156,17 +168,20 @@ def dask_cluster(n_workers: int, worker_env: dict):
             else:
                 os.environ[v] = old
     try:
-        client = Client(cluster)
+        # not the process's default client: prefect-dask's DaskTaskRunner would connect to a default
+        # client's cluster instead of the address it is given (see measure())
+        client = Client(cluster, set_as_default=False)
         client.wait_for_workers(n_workers, timeout=300)
         workers = list(client.scheduler_info()["workers"])
         info = [client.submit(_warm_worker, pure=False, workers=[w], allow_other_workers=False).result(timeout=600)
                 for w in workers]
+        client.close()
         got = sorted({i["torch_threads"] for i in info})
         if got != [threads] or any(i["api"] != worker_env.get("PREFECT_API_URL") for i in info):
             raise RuntimeError(f"workers not set up as asked (torch threads {got}, expected {threads}): {info}")
         address = cluster.scheduler_address.removeprefix("tcp://")
         log(f"Dask cluster {address}: {n_workers} worker(s) x 1 thread, torch threads {threads} per worker")
-        yield address, threads
+        yield address, threads, {i["pid"] for i in info}
     finally:
         if client is not None:
             with contextlib.suppress(Exception):
@@ -203,17 +218,34 @@ def history_stats(history: list[dict]) -> dict:
     per_rev = [sum(1 for r in history if r["revision"] == rev and t(r, "finetune.finetune_eval_save") is not None)
                for rev in revs]
     accs = [r["accuracy_after"] for r in history if r.get("accuracy_after") is not None]
-    return {"revisions": len(revs), "records": len(history), "candidates": len(work), "per_revision": per_rev,
+    # "fine-tuned on HOST:PID (parent PPID)" notes (recorded by agents.pipeline.finetune_revision)
+    pids = {int(n.split("fine-tuned on ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
+            for r in history for n in r.get("proposal_notes") or [] if n.startswith("fine-tuned on ")}
+    return {"pids": pids, "revisions": len(revs), "records": len(history), "candidates": len(work), "per_revision": per_rev,
             "ft_wall_s": ft_wall, "ft_work_sum_s": sum(work), "ft_work_mean_s": statistics.fmean(work) if work else None,
             "prune_mean_s": statistics.fmean(prune) if prune else None, "best_val_acc": max(accs) if accs else None}
 
 
+def no_default_dask_client() -> None:
+    """prefect-dask's DaskTaskRunner uses the process's default Dask client, when there is one, instead of
+    the address it is given: make sure there is none, so each run goes to the cluster it names."""
+    import distributed
+
+    try:
+        client = distributed.default_client()
+    except ValueError:
+        return
+    raise RuntimeError(f"a default Dask client exists in this process ({client}); the task runner would use it")
+
+
 def measure(engine: str, k: int, workers: int | None, task_runner: str, threads: int, args, work: Path,
-            stamp: str) -> dict:
+            stamp: str, pids: set[int]) -> dict:
+    """One flow run; ``pids``: the processes allowed to fine-tune (checked against the records' notes)."""
     from flows.agentic_prune import agentic_prune
     from pruning import runs
     from pruning.store import open_store
 
+    no_default_dask_client()
     label = f"{engine}-k{k}" + (f"-w{workers}" if workers else "")
     store = work / f"store-{label}"
     cfg = run_config(store, f"scale-out-{label}-{stamp}", k, task_runner, args)
@@ -224,8 +256,12 @@ def measure(engine: str, k: int, workers: int | None, task_runner: str, threads:
     wall = time.perf_counter() - t0
     st = history_stats(runs.read_history(open_store(str(store)), summary.run_id))
     n = st["candidates"]
+    if st["pids"] and not st["pids"] <= pids:
+        raise RuntimeError(f"{label}: candidates were fine-tuned by processes {sorted(st['pids'])}, expected "
+                           f"{sorted(pids)}: the run did not use the cluster it was given")
     row = {
         "engine": engine, "K": k, "workers": workers, "threads_per_worker": threads,
+        "workers_used": len(st["pids"]) or None,
         "revisions": st["revisions"], "candidates": n, "candidates_per_revision": "/".join(map(str, st["per_revision"])),
         "wall_s": round(wall, 2), "ft_wall_s": round(st["ft_wall_s"], 2), "serial_s": round(wall - st["ft_wall_s"], 2),
         "ft_work_mean_s": None if st["ft_work_mean_s"] is None else round(st["ft_work_mean_s"], 2),
@@ -304,7 +340,7 @@ def table(rows: list[dict], cols: list[str]) -> str:
             + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows))
 
 
-MEASURED_COLS = ["engine", "K", "workers", "threads_per_worker", "candidates", "wall_s", "ft_wall_s", "serial_s",
+MEASURED_COLS = ["engine", "K", "workers", "threads_per_worker", "workers_used", "candidates", "wall_s", "ft_wall_s", "serial_s",
                  "ft_work_mean_s", "dispatch_s", "cand_per_min", "ft_cand_per_min", "speedup_vs_1w",
                  "ft_speedup_vs_1w", "best_val_acc", "load1_before"]
 PROJECTION_COLS = ["K", "gpu_workers", "projected_s", "projected_speedup_vs_1", "projected_cand_per_min",
@@ -419,12 +455,12 @@ def main(argv=None) -> None:
                 add_speedups(rows)
                 write_csvs(rows, [], args.out)  # partial results survive an interrupted benchmark
 
-            record(measure("local", 1, None, "local", flow_threads, args, work, stamp))
+            record(measure("local", 1, None, "local", flow_threads, args, work, stamp, {os.getpid()}))
             # interleaved by K, so the worker counts compared at one K run close together in time
             for k in args.k:
                 for n in args.workers:
-                    address, threads = clusters[n]
-                    record(measure("dask", k, n, f"dask://{address}", threads, args, work, stamp))
+                    address, threads, pids = clusters[n]
+                    record(measure("dask", k, n, f"dask://{address}", threads, args, work, stamp, pids))
     finally:
         if args.keep:
             log(f"working directory kept: {work}")
