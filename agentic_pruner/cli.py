@@ -310,7 +310,7 @@ def _run_config(args):
 
 
 def _execute(config) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
     from flows.agentic_prune import agentic_prune
     from pruning.store import open_store
 
@@ -416,7 +416,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
     from flows.agentic_prune import agentic_prune
 
     agentic_prune.serve(name=args.name, cron=args.cron)

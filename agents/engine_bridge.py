@@ -114,6 +114,7 @@ class EngineBridge:
             timings["eval"] = time.perf_counter() - t
         return Measured(
             plan=sol.plan, solver_ratio=sol.ratio, predicted_macs=float(sol.predicted_macs), achieved_macs=float(macs),
+            allocation_digest=sol.digest(),
             params=int(params), error_pct=self.band.error_pct(macs), in_band=self.band.contains(macs),
             kind_ratios=solved_kind_ratios(space, sol), accuracy_before=acc, notes=notes, timings=timings,
             model=pruned,

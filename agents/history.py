@@ -56,6 +56,7 @@ class RevisionRecord(BaseModel):
     status: Status = "ok"
     error: str | None = None
     solver_ratio: float | None = None
+    allocation_digest: str | None = Field(None, description="identity of the solved allocation (duplicate detection)")
     predicted_macs: float | None = None
     achieved_macs: float | None = Field(None, description="re-counted on the really pruned model")
     params: int | None = None

@@ -291,6 +291,7 @@ def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyV
     timings["apply_count"] = time.perf_counter() - t
     in_band = band.contains(macs)
     measured = Measured(plan=solution.plan, solver_ratio=solution.ratio, predicted_macs=solution.predicted_macs,
+                        allocation_digest=solution.digest(),
                         achieved_macs=macs, params=params, error_pct=band.error_pct(macs), in_band=in_band,
                         kind_ratios=kind_ratios, notes=notes, timings=timings)
     if in_band:

@@ -31,6 +31,7 @@ from .schemas import MasterGuidance
 from .strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
 
 log = logging.getLogger("agents.search")
+DUPLICATE_PREFIX = "duplicate:"
 
 
 class Measured(BaseModel):
@@ -42,6 +43,7 @@ class Measured(BaseModel):
     status: Literal["ok", "infeasible", "error", "rejected"] = "ok"
     error: str | None = None
     solver_ratio: float | None = None
+    allocation_digest: str | None = Field(None, description="Solution.digest(): equal digests = the same pruned model")
     predicted_macs: float | None = None
     achieved_macs: float | None = None
     params: int | None = None
@@ -182,6 +184,8 @@ def run_search(
 
         # -- Prune the original model, re-count MACs (cheap: one solve + one prune per candidate) ------
         to_finetune: list[Measured] = []
+        solved = {h.allocation_digest: (h.revision, h.candidate) for h in history
+                  if h.allocation_digest and h.status == "ok"}
         for cand in batch:
             t = time.perf_counter()
             measured = prune_and_measure(cand.verdict.plan, Slot(revision=r, candidate=cand.candidate))
@@ -190,6 +194,14 @@ def run_search(
             cand.measured = measured
             post = validator.check_kind_ratios(measured.kind_ratios, profile.family) if measured.status == "ok" else []
             cand.post = post
+            twin = solved.get(measured.allocation_digest) if measured.status == "ok" else None
+            if twin is not None:  # another shape that solved to the very same channel counts: nothing new to learn
+                measured.status = "rejected"
+                measured.error = (f"{DUPLICATE_PREFIX} the solved allocation equals revision {twin[0]} candidate "
+                                  f"{twin[1]}; not fine-tuned again")
+                continue
+            if measured.status == "ok" and measured.allocation_digest:
+                solved[measured.allocation_digest] = (r, cand.candidate)
             if finetune_batch is not None and measured.status == "ok" and measured.in_band and not post:
                 to_finetune.append(measured)
         # -- Inline fine-tuning of the in-band candidates (in parallel when the orchestrator can) --------
@@ -320,6 +332,7 @@ def _record(cand: _Candidate, evaluated: Evaluated | None, r: int, requested: st
         parent_revision=proposal.parent_revision, move=proposal.move, guidance_action=guidance.recommended_action,
         verdict=verdict_status, verdict_reasons=reasons, proposed_plan=proposal.plan, signature=cand.signature,
         plan=measured.plan, status=status, error=measured.error, solver_ratio=measured.solver_ratio,
+        allocation_digest=measured.allocation_digest,
         predicted_macs=measured.predicted_macs, achieved_macs=measured.achieved_macs, params=measured.params,
         error_pct=measured.error_pct, in_band=measured.in_band, kind_ratios=measured.kind_ratios,
         accuracy_before=acc_before, accuracy_after=evaluated.accuracy_after if evaluated else None,

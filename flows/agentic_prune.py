@@ -6,6 +6,7 @@ persisted revision: finished revisions are read back from the store, never recom
 """
 from __future__ import annotations
 
+import logging
 import os
 
 from prefect import flow, get_run_logger
@@ -89,6 +90,9 @@ def flow_run_name() -> str:
 def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
     """Prune ``config.model`` onto ``config.target_macs`` with an agent in the loop; resumable."""
     log = get_run_logger()
+    for name in ("agents", "pruning", "tasks"):  # their INFO lines reach the flow log (PREFECT_LOGGING_EXTRA_LOGGERS)
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.INFO)
     config = _shareable(config)
     info = run_tasks.open_run(config)
     run_id = info.run_id

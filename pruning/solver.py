@@ -7,6 +7,8 @@ the answer is really pruned, and its MACs are re-counted with ``count_ops_and_pa
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -60,6 +62,12 @@ class Solution(BaseModel):
 
     def cuts(self) -> Allocation:
         return {g: Cut(dims=d, heads=h) for g, (d, h) in self.allocation.items()}
+
+    def digest(self) -> str:
+        """Identity of the pruned model: criterion + channels removed per group (different shapes can solve alike)."""
+        items = sorted((int(g), int(d), int(h)) for g, (d, h) in self.allocation.items() if d or h)
+        payload = json.dumps([self.plan.importance, self.plan.ignored_layers, items])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _ratio_ceiling(space: PruningSpace, plan: PruningPlan) -> float:

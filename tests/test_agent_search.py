@@ -65,9 +65,13 @@ def test_search_converges_and_selects_best_in_band(setup, full_run):
     assert h[0].in_band and h[0].status == "ok" and h[0].move == "initial"  # first revision lands in band
     assert 2 <= len(h) <= 8
     assert ("two-phase search complete" in res.stop_reason or "MAC convergence" in res.stop_reason), res.stop_reason
-    # every achieved MAC count is re-counted on the pruned model and inside the band
+    # every achieved MAC count is re-counted on the pruned model and inside the band; a shape that solves to
+    # an allocation already evaluated (here: layer1 multipliers that change nothing) is not fine-tuned again
+    ok_digests = {r.allocation_digest for r in h if r.status == "ok"}
     for r in h:
-        assert r.status == "ok" and r.in_band and band.contains(r.achieved_macs)
+        if r.status == "rejected":
+            assert r.error.startswith("duplicate:") and r.allocation_digest in ok_digests
+        assert r.status in ("ok", "rejected") and r.in_band and band.contains(r.achieved_macs)
         assert r.verdict in ("accepted", "clamped") and r.accuracy_before is not None
         assert abs(r.error_pct) < 5
     # never the same plan twice
@@ -221,3 +225,29 @@ def test_history_rejects_a_slot_twice(setup, batched_run):
 
     with pytest.raises(ValueError, match="revision 1 candidate 2 twice"):
         check_history(full.history + [full.history[5]])
+
+
+def test_a_shape_that_solves_to_a_known_allocation_is_not_fine_tuned_again(setup):
+    *_, bridge, ctx = setup
+    ctx2 = ctx.model_copy(update={"candidates_per_revision": 2})
+
+    def same_model(plan, slot):  # every shape "solves" to one allocation
+        m = bridge.prune_and_measure(plan, slot)
+        m.allocation_digest = "same"
+        return m
+
+    tuned = []
+
+    def batch(items):
+        tuned.extend((m.revision, m.candidate) for m in items)
+        return [Evaluated(accuracy_after=m.accuracy_before) for m in items]
+
+    res = run_search(ctx2, HeuristicStrategist(), SafetyValidator(), MasterAgent(max_revisions=2), same_model,
+                     finetune_batch=batch)
+    assert tuned == [(0, 0)]  # only the first of the identical pruned models was fine-tuned
+    dups = [r for r in res.history if r.status == "rejected"]
+    assert len(dups) == 3 and all(r.error.startswith("duplicate: the solved allocation equals revision 0 candidate 0")
+                                  for r in dups)
+    assert res.best.revision == 0 and res.best.candidate == 0
+    zones = MasterAgent().analyze(res.history, ctx.band, ctx.profile).danger_zones
+    assert not [z for z in zones if z.reason.startswith("rejected")]  # a duplicate is not a danger zone
