@@ -72,7 +72,12 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         except ImportError as exc:
             raise EngineUnavailable(f"task runner '{spec}' needs prefect-ray: pip install 'agentic-pruner[ray]' "
                                     f"({exc})") from None
-        return RayTaskRunner(address=spec if spec != "ray" else None)
+        env_vars = {"RAY_DEDUP_LOGS": "0"}
+        api = _api_url()
+        if api:  # Ray workers report their task runs to the flow's API
+            env_vars["PREFECT_API_URL"] = api
+        return RayTaskRunner(address=spec if spec != "ray" else None,
+                             init_kwargs={"runtime_env": {"env_vars": env_vars}})
     raise EngineUnavailable(f"unknown task runner '{spec}'")
 
 

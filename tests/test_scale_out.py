@@ -222,6 +222,23 @@ def test_process_work_pool_with_two_workers(env):
     assert len(runs_) == len(history) and all(f.state.is_completed() for f in runs_)
 
 
+def test_ray_local_cluster(env):
+    pytest.importorskip("prefect_ray")
+    base, tmp = env
+    store = "s3://scale/ray"
+    client = _prefect(base)
+    before = {t.id for t in client.read_task_runs()}
+    done = _run_cli(["--store", store, "--task-runner", "ray"], {**base, "RAY_AUTH_MODE": "disabled"},
+                    tmp / "ray.log")
+    assert done.returncode == 0, (tmp / "ray.log").read_text()[-3000:]
+    history = _check_history(store, base)
+    assert len(_workers(history)) == 2  # the candidates of a revision ran in two Ray worker processes
+    # the Ray workers reported to the same Prefect API as the flow
+    names = sorted(t.name for t in client.read_task_runs() if t.id not in before and t.name.startswith("finetune-")
+                   and t.state and t.state.is_completed())
+    assert names == ["finetune-r0c0", "finetune-r0c1", "finetune-r1c0", "finetune-r1c1"]
+
+
 def test_unreachable_dask_scheduler_is_one_line_error(env):
     base, tmp = env
     port = free_ports(1)[0]
