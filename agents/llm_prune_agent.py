@@ -28,15 +28,14 @@ import math
 import time
 from typing import Any, Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pruning.llm.masks import PruneStep
 from pruning.llm.session import PruneSession
 from pruning.llm.stats import SensitivityProfile, zscores
 from pruning.llm.wanda import parse_nm, row_count, select_prune_indices, wanda_scores
 
-from .history import truncate
-from .schemas import extract_json, format_validation_error
+from .llm_reply import ask_validated, redacted_raw
 from .strategists import LLMConfig, LLMStrategist
 
 log = logging.getLogger("agents.llm_prune_agent")
@@ -357,6 +356,12 @@ Answer with ONLY one JSON object:
 {{"layers": [{{"layer": "<name>", "increase": 0.05}}, ...], "rationale": "<one or two sentences>"}}"""
 
 
+def prune_reask_prompt(error: str) -> str:
+    """The re-ask after an invalid reply (the validation error, then the expected JSON shape)."""
+    return (f"Your reply was invalid: {error}\nAnswer again with ONLY the JSON object "
+            '{"layers": [{"layer": "<name>", "increase": <number in (0, 0.5]>}, ...], "rationale": "..."}')
+
+
 def prune_user_prompt(state: AgentState, history_rows: int = 30) -> str:
     cur = state.layer_sparsities
     rows = ["layer | params | z_wanda | z_grad | z_comb | outlier | sparsity"]
@@ -397,7 +402,7 @@ class LLMPruneStrategist(LLMStrategist):
         log.warning("iteration %d: LLM prune agent falls back to heuristic: %s", state.iteration, reason)
         prop = self.fallback_strategist.propose(state)
         return prop.model_copy(update={
-            "fallback_reason": reason, "raw_reply": self._redact(truncate("\n---\n".join(raw))) if raw else None,
+            "fallback_reason": reason, "raw_reply": redacted_raw(self, raw),
             "notes": notes + prop.notes, "attempts": attempts, "seconds": time.perf_counter() - t0})
 
     @staticmethod
@@ -414,8 +419,6 @@ class LLMPruneStrategist(LLMStrategist):
         return errs
 
     def propose(self, state: AgentState) -> PruneProposal:  # type: ignore[override]
-        import openai
-
         t0 = time.perf_counter()
         if self.unavailable_reason:
             return self._prune_fallback(state, f"LLM unavailable at startup: {self.unavailable_reason}", [], [], 0, t0)
@@ -428,56 +431,12 @@ class LLMPruneStrategist(LLMStrategist):
                 if nm else "")},
             {"role": "user", "content": prune_user_prompt(state, min(self.config.history_rows, state.config.history_rows))},
         ]
-        raw: list[str] = []
-        notes: list[str] = []
-        attempts, last_error = 0, "no reply"
-        while attempts <= self.config.max_retries:
-            attempts += 1
-            kwargs: dict[str, Any] = dict(model=self.config.model, messages=messages, temperature=self.config.temperature)
-            if self.config.max_tokens:
-                kwargs["max_tokens"] = self.config.max_tokens
-            if self.config.seed is not None:
-                kwargs["seed"] = self.config.seed
-            if self._use_response_format:
-                kwargs["response_format"] = {"type": "json_object"}
-            try:
-                try:
-                    resp = self.client.chat.completions.create(**kwargs)
-                except openai.BadRequestError as exc:
-                    if "response_format" not in kwargs:
-                        raise
-                    self._use_response_format = False
-                    notes.append(f"server rejected response_format ({self._describe(exc)}); retried without it")
-                    kwargs.pop("response_format")
-                    resp = self.client.chat.completions.create(**kwargs)
-            except openai.OpenAIError as exc:
-                return self._prune_fallback(state, f"LLM request failed: {self._describe(exc)}", raw, notes, attempts, t0)
-            try:
-                content = resp.choices[0].message.content or ""
-            except (AttributeError, IndexError, TypeError):
-                content = ""
-            raw.append(content)
-            try:
-                decision = PruneDecision.model_validate(extract_json(content))
-                errs = self.context_errors(decision, state)
-                if errs:
-                    raise ValueError("; ".join(errs))
-            except ValidationError as exc:
-                last_error = "schema validation failed: " + format_validation_error(exc)
-            except ValueError as exc:
-                last_error = str(exc).splitlines()[0][:400]
-            else:
-                return PruneProposal(decision=decision, strategist=self.name,
-                                     raw_reply=self._redact(truncate("\n---\n".join(raw))),
-                                     notes=notes + ([f"valid after {attempts} attempts"] if attempts > 1 else []),
-                                     attempts=attempts, seconds=time.perf_counter() - t0)
-            notes.append(f"attempt {attempts}: {last_error}")
-            messages.append({"role": "assistant", "content": content})
-            messages.append({"role": "user", "content": (
-                f"Your reply was invalid: {last_error}\nAnswer again with ONLY the JSON object "
-                '{"layers": [{"layer": "<name>", "increase": <number in (0, 0.5]>}, ...], "rationale": "..."}')})
-        return self._prune_fallback(state, f"invalid LLM output after {attempts} attempts: {last_error}", raw, notes,
-                                    attempts, t0)
+        reply = ask_validated(self, messages, PruneDecision, reask=prune_reask_prompt,
+                              errors=lambda decision: self.context_errors(decision, state))
+        if reply.failure is not None:
+            return self._prune_fallback(state, reply.failure, reply.raw, reply.notes, reply.attempts, t0)
+        return PruneProposal(decision=reply.value, strategist=self.name, raw_reply=reply.raw_reply,
+                             notes=reply.notes, attempts=reply.attempts, seconds=time.perf_counter() - t0)
 
 
 def create_prune_strategist(name: str = "heuristic", *, llm_config: LLMConfig | None = None,

@@ -21,13 +21,14 @@ import time
 import warnings
 from typing import Any, Callable, ClassVar, Sequence, Union
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
-from .history import RevisionRecord, plan_coords, plan_signature, truncate
+from .history import RevisionRecord, plan_coords, plan_signature
+from .llm_reply import ask_validated, redacted_raw
 from .master import per_revision, rank_key
 from .profiling import ProfileSummary
 from .prompts import reask_prompt, system_prompt, user_prompt
@@ -36,8 +37,6 @@ from .schemas import (
     CNNStrategy,
     MasterGuidance,
     ViTStrategy,
-    extract_json,
-    format_validation_error,
     strategy_from_plan,
     strategy_model,
 )
@@ -552,7 +551,7 @@ class LLMStrategist(Strategist):
         prop = self.fallback_strategist.propose(ctx)
         return prop.model_copy(update={
             "fallback_reason": reason,
-            "raw_reply": self._redact(truncate("\n---\n".join(raw))) if raw else None,
+            "raw_reply": redacted_raw(self, raw),
             "notes": notes + prop.notes, "attempts": attempts, "seconds": time.perf_counter() - t0,
         })
 
@@ -566,8 +565,6 @@ class LLMStrategist(Strategist):
         return errs
 
     def propose(self, context: StrategyContext) -> Proposal:
-        import openai
-
         t0 = time.perf_counter()
         ctx = context
         if self.unavailable_reason:
@@ -578,57 +575,11 @@ class LLMStrategist(Strategist):
             {"role": "user", "content": user_prompt(ctx.profile, ctx.band, ctx.history, ctx.guidance, ctx.revision,
                                                     ctx.baseline_accuracy, self.config.history_rows, ctx.pending)},
         ]
-        raw: list[str] = []
-        notes: list[str] = []
-        attempts = 0
-        last_error = "no reply"
-        while attempts <= self.config.max_retries:
-            attempts += 1
-            kwargs: dict[str, Any] = dict(model=self.config.model, messages=messages,
-                                          temperature=self.config.temperature)
-            if self.config.max_tokens:
-                kwargs["max_tokens"] = self.config.max_tokens
-            if self.config.seed is not None:
-                kwargs["seed"] = self.config.seed
-            if self._use_response_format:
-                kwargs["response_format"] = {"type": "json_object"}
-            try:
-                try:
-                    resp = self.client.chat.completions.create(**kwargs)
-                except openai.BadRequestError as exc:
-                    if "response_format" not in kwargs:
-                        raise
-                    # the server does not support JSON mode: ask again without it (and remember)
-                    self._use_response_format = False
-                    notes.append(f"server rejected response_format ({self._describe(exc)}); retried without it")
-                    kwargs.pop("response_format")
-                    resp = self.client.chat.completions.create(**kwargs)
-            except openai.OpenAIError as exc:
-                return self._fallback(ctx, f"LLM request failed: {self._describe(exc)}", raw, notes, attempts, t0)
-            content = ""
-            try:
-                content = resp.choices[0].message.content or ""
-            except (AttributeError, IndexError, TypeError):
-                content = ""
-            raw.append(content)
-            try:
-                data = extract_json(content)
-                strategy = schema.model_validate(data)
-                perrs = self._profile_errors(strategy, ctx)
-                if perrs:
-                    raise ValueError("; ".join(perrs))
-                plan = strategy.to_plan(ctx.base_plan)
-            except ValidationError as exc:
-                last_error = "schema validation failed: " + format_validation_error(exc)
-            except ValueError as exc:
-                last_error = str(exc).splitlines()[0][:400]
-            else:
-                return Proposal(strategy=strategy, plan=plan, strategist=self.name,
-                                raw_reply=self._redact(truncate("\n---\n".join(raw))),
-                                notes=notes + ([f"valid after {attempts} attempts"] if attempts > 1 else []),
-                                attempts=attempts, seconds=time.perf_counter() - t0)
-            notes.append(f"attempt {attempts}: {last_error}")
-            messages.append({"role": "assistant", "content": content})
-            messages.append({"role": "user", "content": reask_prompt(last_error)})
-        return self._fallback(ctx, f"invalid LLM output after {attempts} attempts: {last_error}", raw, notes,
-                              attempts, t0)
+        reply = ask_validated(self, messages, schema, reask=reask_prompt,
+                              errors=lambda strategy: self._profile_errors(strategy, ctx),
+                              convert=lambda strategy: (strategy, strategy.to_plan(ctx.base_plan)))
+        if reply.failure is not None:
+            return self._fallback(ctx, reply.failure, reply.raw, reply.notes, reply.attempts, t0)
+        strategy, plan = reply.value
+        return Proposal(strategy=strategy, plan=plan, strategist=self.name, raw_reply=reply.raw_reply,
+                        notes=reply.notes, attempts=reply.attempts, seconds=time.perf_counter() - t0)

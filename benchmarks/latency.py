@@ -28,7 +28,6 @@ Usage: python benchmarks/latency.py [--models resnet50 ...] [--runs 30] [--threa
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import tempfile
 import time
@@ -38,19 +37,17 @@ from pathlib import Path
 import pandas as pd
 import timm
 import torch
-import torch_pruning as tp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from mac_targeting import update_readme  # noqa: E402
+from mac_targeting import tp_ratio_bisection, update_readme  # noqa: E402
 
 from pruning.export import model_size_mb  # noqa: E402
 from pruning.latency import Skipped, available_cpus, benchmark_torch_gpu, cpu_name  # noqa: E402
 from pruning.latency_solver import (  # noqa: E402
     DEFAULT_ROUND_TO, OrtTimer, copy_space, export_for_timing, solve_latency, time_interleaved,
 )
-from pruning.models import classifier  # noqa: E402
 from pruning.plan import PruningPlan  # noqa: E402
 from pruning.solver import MacBand, solve  # noqa: E402
 from pruning.space import PruningSpace, count_macs_params, example_input  # noqa: E402
@@ -101,33 +98,14 @@ def ours_at(space: PruningSpace, band: MacBand, round_to: int) -> tuple[torch.nn
 def plain_tp(model: torch.nn.Module, example: torch.Tensor, target_macs: float, tol_pct: float = 1.0,
              max_probes: int = 25) -> tuple[torch.nn.Module, float, float, int]:
     """Plain Torch-Pruning with its one ``pruning_ratio`` bisected to ``target_macs`` +- ``tol_pct``."""
-    lo, hi = 0.0, 0.95
     best = None
-    for probe in range(1, max_probes + 1):
-        ratio = (lo + hi) / 2
-        m = copy.deepcopy(model)
-        heads = {m_.qkv: m_.num_heads for m_ in m.modules() if hasattr(m_, "qkv") and hasattr(m_, "num_heads")}
-        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
-                                      ignored_layers=[classifier(m)], num_heads=heads)
-        pruner.step()
-        for attn in m.modules():  # as in Torch-Pruning's timm ViT example
-            if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
-                attn.num_heads = pruner.num_heads[attn.qkv]
-                attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-                if hasattr(attn, "attn_dim"):  # newer timm reshapes with attn_dim (not in TP's example)
-                    attn.attn_dim = attn.num_heads * attn.head_dim
-        macs, _ = tp.utils.count_ops_and_params(m, example)
+    # min_width: a MAC step wider than the tolerance (DeiT: whole head-dim steps); keep the closest
+    for probe, ratio, m, macs, _ in tp_ratio_bisection(model, example, target_macs, max_probes=max_probes,
+                                                       min_width=1e-4):
         err = (macs - target_macs) / target_macs * 100
         if best is None or abs(err) < abs(best[2]):
             best = (m, macs, err, ratio)
         if abs(err) <= tol_pct:
-            break
-        if macs > target_macs:
-            lo = ratio
-        else:
-            hi = ratio
-        if hi - lo < 1e-4:  # a MAC step wider than the tolerance (DeiT: whole head-dim steps); keep the closest
             break
     m, macs, err, ratio = best
     return m, float(macs), ratio, probe

@@ -15,6 +15,7 @@ import copy
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import timm
@@ -42,27 +43,54 @@ CASES = [
 ]
 
 
-def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
-    """The bar: bisection on MetaPruner's single pruning_ratio, re-pruning and counting every probe."""
+def tp_prune_at(model: torch.nn.Module, example: torch.Tensor, ratio: float) -> tuple[torch.nn.Module, float]:
+    """Plain Torch-Pruning at one ``pruning_ratio`` on a deep copy: MetaPruner, GroupMagnitudeImportance p=2,
+    global + isomorphic, round_to 8, only the classifier ignored; ViT heads as in TP's timm example.
+    Returns the pruned copy and its MACs."""
+    m = copy.deepcopy(model)
+    num_heads = {a.qkv: a.num_heads for a in m.modules() if hasattr(a, "qkv") and hasattr(a, "num_heads")}
+    pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
+                                  pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
+                                  ignored_layers=[classifier(m)], num_heads=num_heads)
+    pruner.step()
+    for attn in m.modules():  # as in Torch-Pruning's timm ViT example
+        if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
+            attn.num_heads = pruner.num_heads[attn.qkv]
+            attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+            if hasattr(attn, "attn_dim"):  # newer timm reshapes with attn_dim (not in TP's example)
+                attn.attn_dim = attn.num_heads * attn.head_dim
+    macs, _ = tp.utils.count_ops_and_params(m, example)
+    return m, float(macs)
+
+
+def tp_ratio_bisection(model: torch.nn.Module, example: torch.Tensor, target_macs: float, *, max_probes: int,
+                       min_width: float = 0.0) -> Iterator[tuple[int, float, torch.nn.Module, float, float]]:
+    """Bisection of plain Torch-Pruning's one ``pruning_ratio`` in [0, 0.95] towards ``target_macs``.
+
+    Yields ``(probe, ratio, pruned_model, macs, seconds)`` per probe (``seconds``: deep copy + prune + count);
+    the caller stops it (``break``) when a probe is good enough. It also ends after ``max_probes`` probes or
+    once the ratio interval is narrower than ``min_width``.
+    """
     lo, hi = 0.0, 0.95
-    first_in_band, best, times = None, None, []
     for probe in range(1, max_probes + 1):
         ratio = (lo + hi) / 2
         t = time.perf_counter()
-        m = copy.deepcopy(model)
-        num_heads = {a.qkv: a.num_heads for a in m.modules() if hasattr(a, "qkv") and hasattr(a, "num_heads")}
-        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=ratio, global_pruning=True, isomorphic=True, round_to=8,
-                                      ignored_layers=[classifier(m)], num_heads=num_heads)
-        pruner.step()
-        for attn in m.modules():  # as in Torch-Pruning's timm ViT example
-            if hasattr(attn, "qkv") and hasattr(attn, "num_heads"):
-                attn.num_heads = pruner.num_heads[attn.qkv]
-                attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-                if hasattr(attn, "attn_dim"):  # current timm also keeps the total width
-                    attn.attn_dim = attn.num_heads * attn.head_dim
-        macs, _ = tp.utils.count_ops_and_params(m, example)
-        times.append(time.perf_counter() - t)
+        m, macs = tp_prune_at(model, example, ratio)
+        yield probe, ratio, m, macs, time.perf_counter() - t
+        if macs > target_macs:
+            lo = ratio
+        else:
+            hi = ratio
+        if hi - lo < min_width:
+            break
+
+
+def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
+    """The bar: bisection on MetaPruner's single pruning_ratio, re-pruning and counting every probe."""
+    first_in_band, best, times = None, None, []
+    for probe, _ratio, _m, macs, seconds in tp_ratio_bisection(model, example, band.target_macs,
+                                                               max_probes=max_probes):
+        times.append(seconds)
         err = band.error_pct(macs)
         if band.contains(macs):
             first_in_band = first_in_band or probe
@@ -70,10 +98,6 @@ def plain_tp_bisection(model, example, band: MacBand, max_probes: int) -> dict:
                 best = err
             if abs(err) <= 0.5:
                 break
-        if macs > band.target_macs:
-            lo = ratio
-        else:
-            hi = ratio
     return {"bar_first_in_band": first_in_band, "bar_probes": probe, "bar_best_error_pct": best,
             "prune_count_s": sum(times) / len(times), "bar_total_s": sum(times)}
 

@@ -27,6 +27,8 @@ K = 2
 QUICK = ["--model", "resnet18", "--num-classes", "10", "--target-macs", "45%", "--max-revisions", "2",
          "--extra-revisions", "3", "--inline-epochs", "1", "--extended-epochs", "0", "--max-train-batches", "3",
          "--calibration-batches", "1", "--no-latency", "--candidates-per-revision", str(K)]
+SAME = ["--max-train-batches", "10"]  # local, work pool and Ray run the very same search
+HISTORIES: dict[str, list[dict]] = {}
 
 
 # -- process helpers ---------------------------------------------------------------------------------
@@ -131,9 +133,9 @@ def _prefect(env):
 def test_local_runner_k_candidates(env):
     base, tmp = env
     store = "s3://scale/local"
-    done = _run_cli(["--store", store], base, tmp / "local.log")
+    done = _run_cli(["--store", store, *SAME], base, tmp / "local.log")
     assert done.returncode == 0, (tmp / "local.log").read_text()[-3000:]
-    history = _check_history(store, base)
+    history = HISTORIES["local"] = _check_history(store, base)
     assert len({w.split(" (")[0] for w in _workers(history)}) == 1  # threads of the flow process
 
 
@@ -205,13 +207,13 @@ def test_process_work_pool_with_two_workers(env):
     try:
         time.sleep(5)
         store = "s3://scale/pool"
-        done = _run_cli(["--store", store, "--finetune-deployment", "finetune-candidate/local",
-                         "--max-train-batches", "10"], base, tmp / "pool-run.log")
+        done = _run_cli(["--store", store, "--finetune-deployment", "finetune-candidate/local", *SAME], base,
+                        tmp / "pool-run.log")
         assert done.returncode == 0, (tmp / "pool-run.log").read_text()[-3000:]
     finally:
         for w in workers:
             _stop(w)
-    history = _check_history(store, base)
+    history = HISTORIES["pool"] = _check_history(store, base)
     notes = [n for r in history for n in r["proposal_notes"]]
     assert sum("deployment run" in n for n in notes) == len(history)
     # the candidates ran in flow-run subprocesses of both workers (parent pid = the worker)
@@ -228,10 +230,10 @@ def test_ray_local_cluster(env):
     store = "s3://scale/ray"
     client = _prefect(base)
     before = {t.id for t in client.read_task_runs()}
-    done = _run_cli(["--store", store, "--task-runner", "ray"], {**base, "RAY_AUTH_MODE": "disabled"},
+    done = _run_cli(["--store", store, "--task-runner", "ray", *SAME], {**base, "RAY_AUTH_MODE": "disabled"},
                     tmp / "ray.log")
     assert done.returncode == 0, (tmp / "ray.log").read_text()[-3000:]
-    history = _check_history(store, base)
+    history = HISTORIES["ray"] = _check_history(store, base)
     assert len(_workers(history)) == 2  # the candidates of a revision ran in two Ray worker processes
     # the Ray workers reported to the same Prefect API as the flow
     names = sorted(t.name for t in client.read_task_runs() if t.id not in before and t.name.startswith("finetune-")
@@ -249,3 +251,15 @@ def test_unreachable_dask_scheduler_is_one_line_error(env):
     assert RunConfig(task_runner="dask://h:1").task_runner == "dask://h:1"
     with pytest.raises(ValueError, match="unknown task runner"):
         RunConfig(task_runner="spark://h")
+
+
+def test_engines_ran_the_same_search():
+    """Same config on every engine: the same records (slots, plans, MACs) and accuracies up to float noise."""
+    if len(HISTORIES) < 2:
+        pytest.skip(f"needs two engine runs, have {sorted(HISTORIES)}")
+    keys = ("revision", "candidate", "move", "plan", "status", "achieved_macs", "allocation_digest", "in_band")
+    ref_name, ref = next(iter(HISTORIES.items()))
+    for name, hist in HISTORIES.items():
+        assert [{k: r[k] for k in keys} for r in hist] == [{k: r[k] for k in keys} for r in ref], (name, ref_name)
+        for a, b in zip(hist, ref):
+            assert a["accuracy_after"] == pytest.approx(b["accuracy_after"], abs=0.02), (name, a["revision"])
