@@ -78,6 +78,7 @@ class RunContext:
         self._data: DataBundle | None = None
         self._original: nn.Module | None = None
         self._baseline: Baseline | None = None
+        self._calibrated: nn.Module | None = None  # the original with Taylor calibration gradients
 
     def key(self, name: str) -> str:
         return runs.key(self.run_id, name)
@@ -224,10 +225,21 @@ def profile_run(ctx: RunContext) -> ProfileSummary:
 
 
 def _calibrated_copy(ctx: RunContext, plan: PruningPlan) -> nn.Module:
+    """A fresh copy of the original to prune; for Taylor importance with calibration gradients.
+
+    The calibration (seeded, so the same every time) runs once per process and run; each prune then
+    deep-copies the calibrated model, gradients included, instead of recomputing them (the K
+    candidates of a revision are pruned one after another in the flow).
+    """
     model = ctx.original()
     if plan.importance == "taylor":
-        torch.manual_seed(ctx.config.seed)
-        return calibrate_copy(model, ctx.data().calib, ctx.config.calibration_batches)
+        if ctx._calibrated is None:
+            torch.manual_seed(ctx.config.seed)
+            ctx._calibrated = calibrate_copy(model, ctx.data().calib, ctx.config.calibration_batches)
+        clone = copy.deepcopy(ctx._calibrated)  # deepcopy drops .grad: carry the gradients over
+        for src, dst in zip(ctx._calibrated.parameters(), clone.parameters()):
+            dst.grad = None if src.grad is None else src.grad.detach().clone()
+        return clone
     return copy.deepcopy(model)
 
 

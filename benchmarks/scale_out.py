@@ -4,10 +4,11 @@ The same search (embedded default model -> 50 % of its MACs, heuristic strategis
 revisions, ``extra_revisions`` large enough that the Master never stops early, no extended fine-tuning,
 no latency measurement) is run with K = 1, 2, 4 candidates per revision on a Dask ``LocalCluster`` of
 1 and of 2 single-threaded worker processes, each worker with ``OMP_NUM_THREADS = cores // workers``
-so both settings use every core; plus K = 1 on the default ``local`` task runner for reference. The
-script starts its own Prefect API server (``prefect server start`` with a private PREFECT_HOME) and
-its own Dask clusters, and stops them at the end, also on errors. Every measurement gets a fresh
-store directory and its own run id, so nothing resumes.
+so both settings use every core, and glibc's default allocator settings (Dask's MALLOC_TRIM_THRESHOLD_
+made CPU training ~2x slower in a worker; ``--dask-malloc-trim`` keeps it); plus K = 1 on the default
+``local`` task runner for reference. The script starts its own Prefect API server (``prefect server
+start`` with a private PREFECT_HOME) and its own Dask clusters, and stops them at the end, also on
+errors. Every measurement gets a fresh store directory and its own run id, so nothing resumes.
 
 The flow is called in this process (``agentic_prune(RunConfig(...))``), not through the CLI in a
 subprocess: the wall time is taken around the flow call itself, so interpreter, torch and Prefect
@@ -23,8 +24,8 @@ README section for the assumptions.
 
 Writes benchmarks/results/scale_out.csv (measured), scale_out_projection.csv (projection; the name of
 --out with ``_projection``) and the tables between the markers in benchmarks/README.md.
-Usage: python benchmarks/scale_out.py [--k 1 2 4] [--workers 1 2] [--revisions 2] [--inline-epochs 10]
-       [--max-train-batches N] [--out CSV] [--no-readme] [--smoke] [--keep]
+Usage: python benchmarks/scale_out.py [--k 1 2 4] [--workers 1 2] [--revisions 2] [--inline-epochs 12]
+       [--max-train-batches N] [--out CSV] [--no-readme] [--smoke] [--dask-malloc-trim] [--keep]
 """
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 PROJECTION_WORKERS = (1, 2, 4, 8)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+TRIM = "MALLOC_TRIM_THRESHOLD_"  # Dask's Nanny sets it to 65536 in every worker unless told otherwise
 
 # full run / --smoke defaults (explicit flags override either)
-FULL = dict(k=[1, 2, 4], workers=[1, 2], revisions=2, inline_epochs=10, max_train_batches=None)
+FULL = dict(k=[1, 2, 4], workers=[1, 2], revisions=2, inline_epochs=12, max_train_batches=None)
 SMOKE = dict(k=[1, 2], workers=[1, 2], revisions=2, inline_epochs=1, max_train_batches=2)
 
 
@@ -139,28 +141,35 @@ def _warm_worker() -> dict:
         return os.getpid()
 
     return {"pid": ping(), "torch_threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS"),
-            "api": os.environ.get("PREFECT_API_URL")}
+            "api": os.environ.get("PREFECT_API_URL"), "trim": os.environ.get(TRIM)}
 
 
 @contextlib.contextmanager
-def dask_cluster(n_workers: int, worker_env: dict):
+def dask_cluster(n_workers: int, worker_env: dict, malloc_trim: bool = False):
     """A LocalCluster of ``n_workers`` single-threaded worker processes; yields (address without tcp://,
     torch threads per worker, worker pids).
 
-    Dask's Nanny writes its pre-spawn environment (OMP_NUM_THREADS=1 etc. unless set) into *this*
-    process's os.environ before spawning the workers; the thread variables are therefore set here for
-    the spawn and restored right after (torch in this process is already initialised and keeps its
-    thread count).
+    Dask's Nanny writes its pre-spawn environment (OMP_NUM_THREADS=1, MALLOC_TRIM_THRESHOLD_=65536, ...
+    unless set) into *this* process's os.environ before spawning the workers; the variables are
+    therefore set here for the spawn and restored right after (torch and glibc in this process are
+    already initialised and keep their settings). Unless ``malloc_trim``, the workers run with glibc's
+    default allocator settings: Dask's MALLOC_TRIM_THRESHOLD_ (which also turns off glibc's dynamic mmap
+    threshold) made a CPU training step of the default model about 2x slower in a worker here.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     threads = max(1, (os.cpu_count() or 2) // n_workers)
-    saved = {v: os.environ.get(v) for v in THREAD_VARS}
+    saved = {v: os.environ.get(v) for v in (*THREAD_VARS, TRIM)}
     os.environ.update({v: str(threads) for v in THREAD_VARS})
+    if not malloc_trim:
+        os.environ.pop(TRIM, None)  # a Nanny started earlier may have put it here
+    cfg = {} if malloc_trim else {f"distributed.nanny.pre-spawn-environ.{TRIM}": None}
     cluster = client = None
     try:
-        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               env={**worker_env, **{v: str(threads) for v in THREAD_VARS}})
+        with dask.config.set(cfg):
+            cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None, env={**worker_env, **{v: str(threads) for v in THREAD_VARS}})
     finally:
         for v, old in saved.items():
             if old is None:
@@ -177,10 +186,12 @@ def dask_cluster(n_workers: int, worker_env: dict):
                 for w in workers]
         client.close()
         got = sorted({i["torch_threads"] for i in info})
-        if got != [threads] or any(i["api"] != worker_env.get("PREFECT_API_URL") for i in info):
+        if (got != [threads] or any(i["api"] != worker_env.get("PREFECT_API_URL") for i in info)
+                or any((i["trim"] is not None) != malloc_trim for i in info)):
             raise RuntimeError(f"workers not set up as asked (torch threads {got}, expected {threads}): {info}")
         address = cluster.scheduler_address.removeprefix("tcp://")
-        log(f"Dask cluster {address}: {n_workers} worker(s) x 1 thread, torch threads {threads} per worker")
+        log(f"Dask cluster {address}: {n_workers} worker(s) x 1 thread, torch threads {threads} per worker, "
+            f"{TRIM}={info[0]['trim']}")
         yield address, threads, {i["pid"] for i in info}
     finally:
         if client is not None:
@@ -221,8 +232,9 @@ def history_stats(history: list[dict]) -> dict:
     # "fine-tuned on HOST:PID (parent PPID)" notes (recorded by agents.pipeline.finetune_revision)
     pids = {int(n.split("fine-tuned on ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
             for r in history for n in r.get("proposal_notes") or [] if n.startswith("fine-tuned on ")}
-    return {"pids": pids, "revisions": len(revs), "records": len(history), "candidates": len(work), "per_revision": per_rev,
-            "ft_wall_s": ft_wall, "ft_work_sum_s": sum(work), "ft_work_mean_s": statistics.fmean(work) if work else None,
+    return {"pids": pids, "revisions": len(revs), "records": len(history), "candidates": len(work),
+            "per_revision": per_rev, "ft_wall_s": ft_wall, "ft_work_sum_s": sum(work),
+            "ft_work_mean_s": statistics.fmean(work) if work else None,
             "prune_mean_s": statistics.fmean(prune) if prune else None, "best_val_acc": max(accs) if accs else None}
 
 
@@ -239,7 +251,7 @@ def no_default_dask_client() -> None:
 
 
 def measure(engine: str, k: int, workers: int | None, task_runner: str, threads: int, args, work: Path,
-            stamp: str, pids: set[int]) -> dict:
+            stamp: str, pids: set[int], malloc_trim: bool = False) -> dict:
     """One flow run; ``pids``: the processes allowed to fine-tune (checked against the records' notes)."""
     from flows.agentic_prune import agentic_prune
     from pruning import runs
@@ -260,9 +272,10 @@ def measure(engine: str, k: int, workers: int | None, task_runner: str, threads:
         raise RuntimeError(f"{label}: candidates were fine-tuned by processes {sorted(st['pids'])}, expected "
                            f"{sorted(pids)}: the run did not use the cluster it was given")
     row = {
-        "engine": engine, "K": k, "workers": workers, "threads_per_worker": threads,
-        "workers_used": len(st["pids"]) or None,
-        "revisions": st["revisions"], "candidates": n, "candidates_per_revision": "/".join(map(str, st["per_revision"])),
+        "engine": engine, "K": k, "workers": workers, "torch_threads": threads,
+        "workers_used": len(st["pids"]) or None, "malloc_trim": malloc_trim if engine == "dask" else None,
+        "revisions": st["revisions"], "candidates": n,
+        "candidates_per_revision": "/".join(map(str, st["per_revision"])),
         "wall_s": round(wall, 2), "ft_wall_s": round(st["ft_wall_s"], 2), "serial_s": round(wall - st["ft_wall_s"], 2),
         "ft_work_mean_s": None if st["ft_work_mean_s"] is None else round(st["ft_work_mean_s"], 2),
         "ft_work_sum_s": round(st["ft_work_sum_s"], 2),
@@ -340,9 +353,9 @@ def table(rows: list[dict], cols: list[str]) -> str:
             + "\n".join("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows))
 
 
-MEASURED_COLS = ["engine", "K", "workers", "threads_per_worker", "workers_used", "candidates", "wall_s", "ft_wall_s", "serial_s",
-                 "ft_work_mean_s", "dispatch_s", "cand_per_min", "ft_cand_per_min", "speedup_vs_1w",
-                 "ft_speedup_vs_1w", "best_val_acc", "load1_before"]
+MEASURED_COLS = ["engine", "K", "workers", "torch_threads", "workers_used", "candidates", "wall_s", "ft_wall_s",
+                 "serial_s", "prune_mean_s", "ft_work_mean_s", "dispatch_s", "cand_per_min", "ft_cand_per_min",
+                 "speedup_vs_1w", "ft_speedup_vs_1w", "best_val_acc", "load1_before"]
 PROJECTION_COLS = ["K", "gpu_workers", "projected_s", "projected_speedup_vs_1", "projected_cand_per_min",
                    "measured_cpu_s"]
 
@@ -367,12 +380,10 @@ def readme_block(rows, proj, params, args, total_s, warm_s) -> str:
             f"(warm-up run {warm_s:.0f} s, not in the table).")
     parts = [head, "", table(rows, MEASURED_COLS)]
     if proj:
-        parts += ["", f"Projection to N GPU workers from the 1-worker Dask runs: T_serial(K=1) = "
+        parts += ["", f"Projection to N GPU workers (from the 1-worker Dask runs): T_serial(K=1) = "
                       f"{params['serial_k1_s']} s ({params['serial_from']}), t_prune = {params['t_prune_s']} s per "
                       f"extra candidate, t_candidate = {params['t_candidate_s']} s, t_dispatch = "
-                      f"{params['t_dispatch_s']} s per candidate. `measured_cpu_s`: the Dask wall time measured here "
-                      "at that K and worker count (CPU workers sharing the cores, so not the projection's "
-                      "assumption beyond 1 worker).", "", table(proj, PROJECTION_COLS)]
+                      f"{params['t_dispatch_s']} s per candidate.", "", table(proj, PROJECTION_COLS)]
     return "\n".join(parts)
 
 
@@ -398,6 +409,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-readme", action="store_true", help="do not touch benchmarks/README.md")
     ap.add_argument("--smoke", action="store_true", help=f"tiny settings for a quick check {SMOKE}; never "
                     "writes the README")
+    ap.add_argument("--dask-malloc-trim", action="store_true", help="keep Dask's default MALLOC_TRIM_THRESHOLD_=65536 "
+                    "in the workers (default: glibc's own settings; Dask's made CPU fine-tuning ~2x slower here)")
     ap.add_argument("--keep", action="store_true", help="keep the working directory (stores, Prefect home)")
     args = ap.parse_args(argv)
     preset = SMOKE if args.smoke else FULL
@@ -435,9 +448,13 @@ def main(argv=None) -> None:
             api = stack.enter_context(prefect_server(home))
             # the flow runs in this process: point it at the server before Prefect is imported
             os.environ.update(PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_SERVER_ANALYTICS_ENABLED="false")
+            import logging
+
             import torch
 
             from flows.agentic_prune import agentic_prune
+
+            logging.getLogger("distributed").setLevel(logging.WARNING)  # no INFO chatter from scheduler/nannies
 
             flow_threads = torch.get_num_threads()
             # warm-up: default model cache, data, imports and the first Prefect flow run of this process
@@ -446,9 +463,11 @@ def main(argv=None) -> None:
                                      inline_epochs=0))
             warm_s = time.perf_counter() - t
             log(f"warm-up flow run {warm_s:.1f} s")
-            worker_env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                          "DASK_LOGGING__DISTRIBUTED": "warning"}
-            clusters = {n: stack.enter_context(dask_cluster(n, worker_env)) for n in args.workers}
+            worker_env = {"PREFECT_API_URL": api, "PREFECT_HOME": str(home),
+                          "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DASK_LOGGING__DISTRIBUTED": "warning",
+                          "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}  # the warm-up task has no flow
+            clusters = {n: stack.enter_context(dask_cluster(n, worker_env, args.dask_malloc_trim))
+                        for n in args.workers}
 
             def record(row):
                 rows.append(row)
@@ -460,7 +479,8 @@ def main(argv=None) -> None:
             for k in args.k:
                 for n in args.workers:
                     address, threads, pids = clusters[n]
-                    record(measure("dask", k, n, f"dask://{address}", threads, args, work, stamp, pids))
+                    record(measure("dask", k, n, f"dask://{address}", threads, args, work, stamp, pids,
+                                   args.dask_malloc_trim))
     finally:
         if args.keep:
             log(f"working directory kept: {work}")

@@ -29,6 +29,23 @@ class EngineUnavailable(RuntimeError):
     """The requested task runner cannot be used (not installed, or its cluster cannot be reached)."""
 
 
+@contextlib.contextmanager
+def _dask_worker_defaults() -> Iterator[None]:
+    """Workers spawned here keep glibc's own malloc trimming.
+
+    Dask's Nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker it spawns; measured here, that
+    makes a CPU training step of the default model ~1.9x slower than in a plain process
+    (benchmarks/scale_out.py). Only affects clusters this process starts (``--task-runner dask``).
+    """
+    try:
+        import dask
+    except ImportError:
+        yield
+        return
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        yield
+
+
 def _dask_address(spec: str) -> str | None:
     if spec == "dask":
         return None
@@ -107,17 +124,29 @@ def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]
     if runner is None:
         yield None
         return
+    saved_env = dict(os.environ)  # Dask writes its workers' pre-spawn variables into this process's environment
     try:
-        runner.__enter__()
-        if hasattr(runner, "client"):
-            runner.client  # noqa: B018 - connect now: a wrong address must fail before the search starts
+        with _dask_worker_defaults():
+            runner.__enter__()
+            if hasattr(runner, "client"):
+                client = runner.client  # connect now: a wrong address must fail before the search starts
+                wanted = getattr(runner, "address", None)
+                got = getattr(getattr(client, "scheduler", None), "address", None)
+                if spec.startswith(("dask://", "tcp://")) and wanted and got and got != wanted:
+                    raise EngineUnavailable(f"this process already has a Dask client for {got}; refusing to send "
+                                            f"candidates there instead of {wanted}")
     except EngineUnavailable:
+        with contextlib.suppress(Exception):
+            runner.__exit__(None, None, None)
         raise
     except Exception as exc:  # noqa: BLE001 - classified into one clear message
         with contextlib.suppress(Exception):
             runner.__exit__(None, None, None)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EngineUnavailable(f"cannot start task runner '{spec}': {first[:300]}") from None
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
     log.info("candidates run on %s", spec)
     try:
         yield runner
