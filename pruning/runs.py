@@ -6,8 +6,11 @@ Layout under ``<run_id>/`` in the store::
     status.json          state (running / completed / failed), best revision, timestamps
     profile.json         baseline profile of the original model
     original.pt          the original weights the search always prunes from
-    history.jsonl        one record per revision (plan, strategist, verdict, MACs, accuracy, checkpoint sha256)
-    revisions/rNNN.pt    pruned + inline-fine-tuned bundle of every in-band revision
+    history.jsonl        one record per candidate of each revision (plan, strategist, verdict, MACs, accuracy,
+                         checkpoint sha256, worker)
+    revisions/rNNN[cC].pt              pruned + inline-fine-tuned bundle of every in-band candidate C (C > 0)
+    revisions/rNNN[cC].measured.json   the prune step's result (idempotent re-runs)
+    revisions/rNNN[cC].evaluated.json  the fine-tuning step's result (idempotent re-runs, deployment results)
     extended/state.pt    extended fine-tuning state, saved every K epochs (resume after preemption)
     final/               model.pt, model.onnx, latency.csv/.md, summary.md, macs.png
 """
