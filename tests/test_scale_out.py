@@ -241,6 +241,42 @@ def test_ray_local_cluster(env):
     assert names == ["finetune-r0c0", "finetune-r0c1", "finetune-r1c0", "finetune-r1c1"]
 
 
+def test_preempted_batch_resumes_without_retraining_finished_candidates(env):
+    """SIGKILL the run as soon as the first candidate of revision 0 is fine-tuned; `resume` completes the
+    revision without training that candidate again, and every (revision, candidate) is recorded once."""
+    base, tmp = env
+    store_dir = tmp / "preempted"
+    log = tmp / "preempted.log"
+    with log.open("w") as f:
+        run = subprocess.Popen([str(BIN / "agentic-pruner"), "run", *QUICK, "--store", str(store_dir),
+                                "--max-train-batches", "20"], env=base, stdout=f, stderr=subprocess.STDOUT,
+                               cwd=ROOT, start_new_session=True)
+    finished: list[Path] = []
+    deadline = time.time() + 600
+    try:
+        while not finished and time.time() < deadline:
+            assert run.poll() is None, log.read_text()[-3000:]
+            finished = sorted(store_dir.glob("*/revisions/r000*.evaluated.json"))
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert finished, "no candidate finished in time"
+    finished = sorted(store_dir.glob("*/revisions/r000*.evaluated.json"))  # what exists after the kill
+    run_id = finished[0].parts[-3]
+    before = {p.name: p.read_bytes() for p in finished}
+    resumed = subprocess.run([str(BIN / "agentic-pruner"), "resume", run_id, "--store", str(store_dir)], env=base,
+                             capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    history = _check_history(str(store_dir), base)
+    for name, data in before.items():  # the finished candidates' results were read back, not recomputed
+        assert (store_dir / run_id / "revisions" / name).read_bytes() == data
+        cand = int(name[5:].split(".")[0] or 0) if name[4] == "c" else 0
+        rec = next(r for r in history if (r["revision"], r["candidate"]) == (0, cand))
+        assert any(f":{run.pid} " in n for n in rec["proposal_notes"]), rec["proposal_notes"]  # the killed process
+    assert any(str(run.pid) not in " ".join(r["proposal_notes"]) for r in history)  # the rest: the resumed one
+
+
 def test_unreachable_dask_scheduler_is_one_line_error(env):
     base, tmp = env
     port = free_ports(1)[0]
