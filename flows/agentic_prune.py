@@ -142,7 +142,7 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
                      record.guidance_action,
                      record.strategist_used, rationale[:200] or "a plan", record.verdict,
                      f" ({'; '.join(record.verdict_reasons)[:300]})" if record.verdict_reasons else "",
-                     record.status, record.achieved_macs,
+                     record.status + (f" ({record.error[:200]})" if record.error else ""), record.achieved_macs,
                      None if record.error_pct is None else round(record.error_pct, 3), record.in_band,
                      None if record.accuracy_before is None else round(record.accuracy_before, 4),
                      None if record.accuracy_after is None else round(record.accuracy_after, 4),
