@@ -204,24 +204,46 @@ def test_process_work_pool_with_two_workers(env):
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
     workers = [_start([prefect, "worker", "start", "--pool", "candidate-pool", "--type", "process", "--limit", "1",
                        "--name", f"pool-worker-{i}"], base, tmp / f"pool-worker{i}.log") for i in range(2)]
+    client = _prefect(base)
+    log = tmp / "pool-run.log"
     try:
         time.sleep(5)
         store = "s3://scale/pool"
-        done = _run_cli(["--store", store, "--finetune-deployment", "finetune-candidate/local", *SAME], base,
-                        tmp / "pool-run.log")
-        assert done.returncode == 0, (tmp / "pool-run.log").read_text()[-3000:]
+        with log.open("w") as f:
+            run = subprocess.Popen([str(BIN / "agentic-pruner"), "run", *QUICK, "--store", store,
+                                    "--finetune-deployment", "finetune-candidate/local", *SAME], env=base, stdout=f,
+                                   stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        # kill the machine under one candidate: its flow-run process dies mid-run, the worker reports the
+        # run Crashed, and the search starts that candidate again
+        killed = None
+        deadline = time.time() + 600
+        try:
+            while killed is None and time.time() < deadline:
+                assert run.poll() is None, log.read_text()[-3000:]
+                for fr in client.read_flow_runs():
+                    if (fr.name.startswith("finetune-r0") and fr.state and fr.state.is_running()
+                            and fr.infrastructure_pid):
+                        os.kill(int(str(fr.infrastructure_pid).rsplit(":", 1)[-1]), signal.SIGKILL)
+                        killed = fr.id
+                        break
+                time.sleep(0.2)
+            assert killed is not None, "never saw a candidate's flow run running"
+            assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
+        finally:
+            _stop(run)
     finally:
         for w in workers:
             _stop(w)
+    assert "crashed" in log.read_text() and client.read_flow_run(killed).state.is_crashed()
     history = HISTORIES["pool"] = _check_history(store, base)
     notes = [n for r in history for n in r["proposal_notes"]]
     assert sum("deployment run" in n for n in notes) == len(history)
     # the candidates ran in flow-run subprocesses of both workers (parent pid = the worker)
     worker_pids = {w.split("parent ")[1].rstrip(")") for w in _workers(history)}
     assert len(worker_pids) == 2, _workers(history)
-    client = _prefect(base)
     runs_ = [f for f in client.read_flow_runs() if f.name.startswith("finetune-r")]
-    assert len(runs_) == len(history) and all(f.state.is_completed() for f in runs_)
+    assert len(runs_) == len(history) + 1  # one candidate ran twice
+    assert sum(f.state.is_completed() for f in runs_) == len(history)
 
 
 def test_ray_local_cluster(env):
