@@ -410,7 +410,8 @@ def cmd_report(args) -> int:
         with pd.option_context("display.width", 200, "display.max_columns", 20):
             print(frame[cols].to_string(index=False))
         status = runs.read_status(store, args.run_id) or {}
-        print(f"state: {status.get('state')}, best revision: {status.get('best_revision')}, "
+        best_c = f" candidate {status['best_candidate']}" if status.get("best_candidate") else ""
+        print(f"state: {status.get('state')}, best revision: {status.get('best_revision')}{best_c}, "
               f"stop: {status.get('stop_reason')}")
     return 0
 

@@ -178,7 +178,8 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
                                       description="original vs pruned (paper Table 3 columns)")
         summary = _write_summary(config, ctx, result, baseline, final, latency_md)
         run_tasks.set_status(config, run_id, state="completed" if final else "finished-without-candidate",
-                             best_revision=result.best_revision, stop_reason=result.stop_reason,
+                             best_revision=result.best_revision, best_candidate=result.best_candidate,
+                             stop_reason=result.stop_reason,
                              test_accuracy=final.test_accuracy if final else None)
         return summary
     except BaseException as exc:
