@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pruning.plan import GROUP_KINDS, PruningPlan
 
 RAW_REPLY_LIMIT = 4000
+#: error prefix of a record whose solved allocation equals an earlier one (recorded, not fine-tuned)
+DUPLICATE_PREFIX = "duplicate:"
 
 Verdict = Literal["accepted", "clamped", "rejected"]
 Status = Literal["ok", "infeasible", "error", "rejected"]
@@ -80,6 +82,11 @@ class RevisionRecord(BaseModel):
     def accuracy(self) -> float | None:
         """A_r: fine-tuned accuracy when available, else zero-shot."""
         return self.accuracy_after if self.accuracy_after is not None else self.accuracy_before
+
+    @property
+    def is_duplicate(self) -> bool:
+        """Rejected because its solved allocation (the pruned model) equals an earlier record's."""
+        return self.status == "rejected" and (self.error or "").startswith(DUPLICATE_PREFIX)
 
     @property
     def is_candidate(self) -> bool:

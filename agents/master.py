@@ -84,7 +84,7 @@ def compute_danger_zones(history: Sequence[RevisionRecord], profile: ProfileSumm
     for r in history:
         if r.collapsed:
             reason = f"accuracy collapse ({r.accuracy:.3f})" if r.accuracy is not None else "accuracy collapse"
-        elif r.status in ("infeasible", "error", "rejected") and not (r.error or "").startswith("duplicate:"):
+        elif r.status in ("infeasible", "error", "rejected") and not r.is_duplicate:
             reason = f"{r.status}: {(r.error or '')[:80]}".rstrip(": ")
         else:
             continue

@@ -22,7 +22,7 @@ from torch import nn
 from pruning import runs
 from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
 from pruning.data import DataBundle, DataConfig, build_data, check_num_classes
-from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
+from pruning.models import ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.profile import profile_model
 from pruning.solver import InfeasibleTarget, MacBand, solve
@@ -243,10 +243,6 @@ def _calibrated_copy(ctx: RunContext, plan: PruningPlan) -> nn.Module:
     return copy.deepcopy(model)
 
 
-def _slot_name(revision: int, candidate: int) -> str:
-    return f"revisions/r{revision:03d}{f'c{candidate}' if candidate else ''}"
-
-
 def _plan_digest(plan: PruningPlan) -> str:
     return hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]
 
@@ -258,7 +254,7 @@ def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator:
     Idempotent per (revision, candidate, plan): a result stored by an earlier attempt (e.g. before a
     preemption) is returned instead of pruning again.
     """
-    result_key = ctx.key(f"{_slot_name(revision, candidate)}.measured.json")
+    result_key = ctx.key(runs.slot_name(revision, candidate, ".measured.json"))
     digest = _plan_digest(plan)
     if ctx.store.exists(result_key):
         stored = ctx.store.get_json(result_key)
@@ -274,7 +270,7 @@ def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator:
 
 
 def _evaluated_key(ctx: RunContext, revision: int, candidate: int) -> str:
-    return ctx.key(f"{_slot_name(revision, candidate)}.evaluated.json")
+    return ctx.key(runs.slot_name(revision, candidate, ".evaluated.json"))
 
 
 def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None,
@@ -314,7 +310,7 @@ def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyV
                              metrics={"achieved_macs": macs, "params": params, "revision": revision,
                                       "candidate": candidate},
                              attention_heads=space.attention_heads())
-        key = ctx.key(f"{_slot_name(revision, candidate)}.pruned.pt")
+        key = ctx.key(runs.slot_name(revision, candidate, ".pruned.pt"))
         sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
         measured.checkpoint_key, measured.checkpoint_sha256 = key, sha
         timings["zero_shot_eval_save"] = time.perf_counter() - t

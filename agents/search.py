@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
-from .history import RevisionRecord, check_history, history_dataframe, plan_signature
+from .history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
 from .master import MasterAgent
 from .profiling import ProfileSummary
 from .safety import SafetyValidator
@@ -31,7 +31,6 @@ from .schemas import MasterGuidance
 from .strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
 
 log = logging.getLogger("agents.search")
-DUPLICATE_PREFIX = "duplicate:"
 
 
 class Measured(BaseModel):
@@ -206,17 +205,17 @@ def run_search(
                 to_finetune.append(measured)
         # -- Inline fine-tuning of the in-band candidates (in parallel when the orchestrator can) --------
         evaluated: dict[int, Evaluated] = {}
+        batch_seconds = 0.0
         if to_finetune:
             t = time.perf_counter()
             results = finetune_batch(to_finetune)
-            seconds = time.perf_counter() - t
+            batch_seconds = time.perf_counter() - t
             if len(results) != len(to_finetune):
                 raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(to_finetune)} candidates")
-            for m, e in zip(to_finetune, results):
-                evaluated[m.candidate] = e
-                e.timings.setdefault("batch_wall", seconds)
+            evaluated = {m.candidate: e for m, e in zip(to_finetune, results)}
         for cand in batch:
-            record = _record(cand, evaluated.get(cand.candidate), r, requested, guidance, master, context)
+            record = _record(cand, evaluated.get(cand.candidate), batch_seconds, r, requested, guidance, master,
+                             context)
             history.append(record)
             log.info("revision %d.%d: %s %s MACs err %s%% acc %s", r, cand.candidate, record.status,
                      record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 2),
@@ -306,8 +305,8 @@ def _where(revision: int, ctx: StrategyContext) -> str:
     return f"revision {revision}" if revision != ctx.revision else f"another candidate of revision {revision}"
 
 
-def _record(cand: _Candidate, evaluated: Evaluated | None, r: int, requested: str, guidance: MasterGuidance,
-            master: MasterAgent, context: SearchContext) -> RevisionRecord:
+def _record(cand: _Candidate, evaluated: Evaluated | None, batch_seconds: float, r: int, requested: str,
+            guidance: MasterGuidance, master: MasterAgent, context: SearchContext) -> RevisionRecord:
     proposal, verdict, measured = cand.proposal, cand.verdict, cand.measured
     reasons = list(verdict.reasons) + list(measured.notes)
     status = measured.status
@@ -323,7 +322,7 @@ def _record(cand: _Candidate, evaluated: Evaluated | None, r: int, requested: st
         acc_before = evaluated.accuracy_before
     timings = dict(cand.timings)
     if evaluated is not None:  # wall seconds of the revision's fine-tuning batch (shared by its candidates)
-        timings["finetune"] = evaluated.timings.pop("batch_wall", 0.0)
+        timings["finetune"] = batch_seconds
     record = RevisionRecord(
         revision=r, candidate=cand.candidate, strategist=requested, strategist_used=proposal.strategist,
         raw_reply=proposal.raw_reply, fallback_reason=proposal.fallback_reason,

@@ -198,7 +198,6 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
     png = mac_plot_png([r.revision for r in history], [r.achieved_macs for r in history],
                        [r.in_band for r in history], band.target_macs, band.lower, band.upper,
                        title=f"{ctx.run_id}: MACs per revision")
-    plot_key = ctx.key("final/macs.png")
     plot_url = run_tasks.put_bytes(config, ctx.run_id, "final/macs.png", png)
     lines = [
         f"# {ctx.run_id}",

@@ -33,9 +33,15 @@ def key(run_id: str, name: str) -> str:
     return f"{run_prefix(run_id)}/{name}"
 
 
-def revision_key(run_id: str, revision: int, candidate: int = 0) -> str:
+def slot_name(revision: int, candidate: int = 0, ext: str = "") -> str:
+    """``revisions/rNNN[cC]<ext>``: where a candidate's files live inside a run (candidate 0 has no suffix)."""
     suffix = f"c{candidate}" if candidate else ""
-    return key(run_id, f"revisions/r{revision:03d}{suffix}.pt")
+    return f"revisions/r{revision:03d}{suffix}{ext}"
+
+
+def revision_key(run_id: str, revision: int, candidate: int = 0) -> str:
+    """Store key of a candidate's inline-fine-tuned bundle."""
+    return key(run_id, slot_name(revision, candidate, ".pt"))
 
 
 def make_run_id(parts: dict, config_for_hash: dict) -> str:

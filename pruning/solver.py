@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .plan import PruningPlan
 from .space import Allocation, Cut, PruningError, PruningSpace

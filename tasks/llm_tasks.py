@@ -9,18 +9,17 @@ from agents.llm_prune_agent import IterationRecord, PruneAgentLoop, PruneProposa
 from agents.llm_pipeline import LLMRunConfig
 from pruning.llm.masks import PruneStep
 
-from .retry import IO_RETRY_DELAYS, retry_on_transient
-
-_io = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_on_transient, cache_policy=NONE)
+from .retry import IO_RETRY_DELAYS, IO_TASK, retry_on_transient
 
 
-@task(name="llm-open-run", **_io)
+
+@task(name="llm-open-run", **IO_TASK)
 def open_run(config: LLMRunConfig) -> llm_pipeline.LLMRunInfo:
     """Check the store, then create the run or find it for resuming."""
     return llm_pipeline.open_run(config)
 
 
-@task(name="llm-prepare-model", **_io)
+@task(name="llm-prepare-model", **IO_TASK)
 def prepare(config: LLMRunConfig, run_id: str) -> llm_pipeline.ModelInfo:
     """Load (or train, for the embedded default) the model, profile it, replay persisted steps."""
     return llm_pipeline.prepare(config, run_id)
@@ -39,7 +38,7 @@ def execute(loop: PruneAgentLoop, proposal: PruneProposal) -> tuple[IterationRec
     return loop.execute(proposal)
 
 
-@task(name="llm-persist-iteration", **_io)
+@task(name="llm-persist-iteration", **IO_TASK)
 def persist(config: LLMRunConfig, run_id: str, record: IterationRecord, step: PruneStep | None) -> IterationRecord:
     """Step file (removed indices + values) first, then the history record (idempotent)."""
     return llm_pipeline.persist_iteration(config, run_id, record, step)

@@ -1,6 +1,8 @@
 """Retry only where a retry can help: storage and network I/O, never invalid configuration."""
 from __future__ import annotations
 
+from prefect.cache_policies import NONE
+
 from pruning.store import is_transient_store_error
 
 #: Backoff between attempts (seconds) for I/O-bound tasks.
@@ -24,3 +26,8 @@ def retry_on_transient(task, task_run, state) -> bool:
     except BaseException as exc:  # noqa: BLE001 - we only classify
         return _is_transient(exc)
     return False
+
+
+#: ``@task(**IO_TASK)``: retried on transient I/O errors only; never cached (steps are idempotent via the store).
+IO_TASK = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_on_transient,
+               cache_policy=NONE)

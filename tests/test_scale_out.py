@@ -113,8 +113,7 @@ def _check_history(store_url: str, env: dict, expect_revisions: int = 2) -> list
     stored = set(store.list(f"{run_ids[0]}/revisions/"))
     for r in history:  # a fine-tuned candidate's pre-fine-tuning bundle was cleaned up
         if r["accuracy_after"] is not None:
-            assert not any(k.endswith(f"r{r['revision']:03d}{'c%d' % r['candidate'] if r['candidate'] else ''}"
-                                      ".pruned.pt") for k in stored)
+            assert runs.key(run_ids[0], runs.slot_name(r["revision"], r["candidate"], ".pruned.pt")) not in stored
     assert len({r["signature"] for r in history}) == len(history)
     return history
 
