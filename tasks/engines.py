@@ -53,15 +53,15 @@ def _dask_address(spec: str) -> str | None:
     return f"tcp://{host}"
 
 
-def _api_url() -> str | None:
-    """The Prefect API this process talks to (the ephemeral server's URL when none is configured)."""
+def _api_env() -> dict[str, str]:
+    """``PREFECT_API_URL`` of this process's API (the ephemeral server's too), for workers it starts."""
     try:
         from prefect.client.orchestration import get_client
 
         url = str(get_client().api_url)
     except Exception:  # noqa: BLE001 - outside a Prefect context: workers fall back to their own settings
-        return None
-    return url if url.startswith("http") else None
+        return {}
+    return {"PREFECT_API_URL": url} if url.startswith("http") else {}
 
 
 def _make_runner(spec: str, workers: int) -> TaskRunner | None:
@@ -76,10 +76,8 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         if address:
             return DaskTaskRunner(address=address, client_kwargs={"timeout": "15s"})
         threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-        env = {"OMP_NUM_THREADS": str(threads), "DASK_LOGGING__DISTRIBUTED": "warning"}
-        api = _api_url()
-        if api:  # workers report their task runs to the flow's API (also the flow's ephemeral one)
-            env["PREFECT_API_URL"] = api
+        # workers report their task runs to the flow's API
+        env = {"OMP_NUM_THREADS": str(threads), "DASK_LOGGING__DISTRIBUTED": "warning", **_api_env()}
         logging.getLogger("distributed").setLevel(logging.WARNING)
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None, "env": env})
@@ -89,12 +87,8 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         except ImportError as exc:
             raise EngineUnavailable(f"task runner '{spec}' needs prefect-ray: pip install 'agentic-pruner[ray]' "
                                     f"({exc})") from None
-        env_vars = {"RAY_DEDUP_LOGS": "0"}
-        api = _api_url()
-        if api:  # Ray workers report their task runs to the flow's API
-            env_vars["PREFECT_API_URL"] = api
         return RayTaskRunner(address=spec if spec != "ray" else None,
-                             init_kwargs={"runtime_env": {"env_vars": env_vars}})
+                             init_kwargs={"runtime_env": {"env_vars": {"RAY_DEDUP_LOGS": "0", **_api_env()}}})
     raise EngineUnavailable(f"unknown task runner '{spec}'")
 
 
