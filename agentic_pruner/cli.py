@@ -530,7 +530,8 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))
-        return f"invalid {loc or 'value'}: {err.get('msg')}"
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our validators' own sentence, as written
+        return f"invalid {loc or 'value'}: {msg}"
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
