@@ -96,7 +96,6 @@ def _plan(args):
 
 def _band(args):
     from pruning.solver import MacBand
-
     from pruning.units import parse_macs
 
     return MacBand(target_macs=parse_macs(args.target_macs), overshoot_pct=args.overshoot,
@@ -141,7 +140,6 @@ def _save_bundle_if_asked(args, out: dict, pruned, spec, plan, space, size: int,
 
 def cmd_solve(args) -> int:
     from pruning.engine import prune_to_target
-
     from pruning.units import fmt_macs
 
     latency_ms = getattr(args, "target_latency_ms", None)
@@ -183,8 +181,8 @@ def cmd_solve(args) -> int:
 
 
 def _solve_latency(args) -> int:
-    """``solve --target-latency-ms``: search the plan scale on measured latency (pruning.latency_solver)."""
-    from pruning.latency_solver import DEFAULT_ROUND_TO, prune_to_latency
+    """``solve --target-latency-ms``: search the plan scale on measured latency (pruning.latency_search)."""
+    from pruning.latency_search import DEFAULT_ROUND_TO, prune_to_latency
     from pruning.units import fmt_macs
 
     if not args.target_latency_ms > 0:
@@ -294,7 +292,7 @@ def _engine_overrides(args) -> dict:
 
 
 def _run_config(args):
-    from agents.run_config import RunConfig
+    from tasks.config import RunConfig
 
     return RunConfig(
         model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
@@ -312,7 +310,7 @@ def _run_config(args):
 def _execute(config) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
     from flows.agentic_prune import agentic_prune
-    from pruning.store import open_store
+    from pruning.artifacts import open_store
 
     if config.checkpoint and not Path(config.checkpoint).is_file():
         raise CliError(f"checkpoint not found: {config.checkpoint}")
@@ -322,7 +320,7 @@ def _execute(config) -> int:
         parse_macs(config.target_macs)  # malformed numbers fail before any work
     open_store(config.store).check()  # unreachable storage / wrong credentials fail before any work
     if not config.finetune_deployment:
-        from tasks.engines import check_reachable
+        from tasks.runners import check_reachable
 
         check_reachable(config.task_runner)  # an unreachable cluster too
     summary = agentic_prune(config)
@@ -350,16 +348,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from agents.run_config import RunConfig
+    from tasks.config import RunConfig
 
     _log("demo: prune the embedded default (timm resnet18 trained on scikit-learn digits) to 50% of its MACs")
     return _execute(RunConfig(store=args.store))
 
 
 def cmd_resume(args) -> int:
-    from agents.run_config import RunConfig
-    from pruning import runs
-    from pruning.store import KeyNotFound, open_store
+    from pruning.artifacts import KeyNotFound, open_store, runs
+    from tasks.config import RunConfig
 
     store = open_store(args.store)
     store.check()
@@ -372,8 +369,7 @@ def cmd_resume(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from pruning import runs
-    from pruning.store import open_store
+    from pruning.artifacts import open_store, runs
 
     store = open_store(args.store)
     store.check()
@@ -391,8 +387,7 @@ def cmd_runs(args) -> int:
 
 def cmd_report(args) -> int:
     from agents.history import RevisionRecord, history_dataframe
-    from pruning import runs
-    from pruning.store import open_store
+    from pruning.artifacts import open_store, runs
 
     store = open_store(args.store)
     store.check()
@@ -510,13 +505,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [CliError, ModelLoadError, PruningError, ValidationError, ValueError,
                                          FileNotFoundError, PermissionError]
     try:
-        from pruning.store import StoreError
+        from pruning.artifacts import StoreError
 
         errors.append(StoreError)
     except ImportError:  # pragma: no cover
         pass
     try:
-        from tasks.engines import EngineUnavailable
+        from tasks.runners import EngineUnavailable
 
         errors.append(EngineUnavailable)
     except ImportError:  # pragma: no cover

@@ -15,8 +15,8 @@ def _cli_error(msg: str) -> Exception:
 
 
 def _config(args):
-    from agents.llm_pipeline import LLMRunConfig
     from pruning.llm.wanda import parse_nm
+    from tasks.llm_steps import LLMRunConfig
 
     if args.model_path is not None and not Path(args.model_path).expanduser().is_dir():
         raise _cli_error(f"model directory not found: {args.model_path}")
@@ -42,7 +42,7 @@ def _config(args):
 
 def cmd_llm(args) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning")
-    from pruning.store import open_store
+    from pruning.artifacts import open_store
 
     config = _config(args)
     open_store(config.store).check()  # unreachable storage / bad credentials fail before any work

@@ -1,7 +1,7 @@
 """``agentic-pruner search``: the whole agent loop on CPU, without Prefect, with a quick accuracy proxy.
 
 The loop is :func:`agents.search.run_search` with the engine callbacks of
-:func:`agents.engine_bridge.engine_callbacks`: the Master Agent analyses the history, the strategist
+:func:`tasks.memory_steps.engine_callbacks`: the Master Agent analyses the history, the strategist
 (heuristic, or an OpenAI-compatible LLM) proposes a shape, the safety validator corrects it, the
 solver scales it onto the MAC band, the original model is pruned and its MACs are re-counted.
 
@@ -15,7 +15,6 @@ Exit codes: 0 when the selected revision is in the band, 1 when no revision land
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -23,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from .cli import CliError, _add_band_args, _add_model_args, _band, _load, _log
+from agentic_pruner.cli import CliError, _add_band_args, _add_model_args, _band, _load, _log
 
 
 class SearchInputError(CliError, ValueError):
@@ -53,11 +52,11 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
     Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises :class:`SearchInputError` when
     the target is not below the model's MACs. ``on_profile(profile)`` is called before the first revision.
     """
-    from agents.engine_bridge import agreement_evaluator, engine_callbacks
     from agents.master import MasterAgent, MasterConfig
     from agents.safety import SafetyValidator
     from agents.search import SearchContext, run_search
     from pruning.plan import PruningPlan
+    from tasks.memory_steps import agreement_evaluator, engine_callbacks
 
     inputs = proxy_inputs(example.shape[-1], eval_samples, seed)
     validator = SafetyValidator()
@@ -109,7 +108,7 @@ def _strategist(args):
             strategist.check()
         except LLMUnavailable as exc:
             raise SearchInputError(f"{exc} (use --strategist heuristic, or drop --no-llm-fallback)") from None
-    if logging.getLogger("agents.strategists").hasHandlers():  # else logging's last resort already printed it
+    if logging.getLogger(__name__).hasHandlers():  # else logging's last resort already printed it
         for w in caught:
             _log(f"warning: {w.message}")
     return strategist

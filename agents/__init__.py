@@ -21,7 +21,6 @@ _EXPORTS = {
     "history_dataframe": "history",
     "run_search": "search", "SearchContext": "search", "SearchResult": "search", "Measured": "search",
     "Evaluated": "search",
-    "engine_callbacks": "engine_bridge", "EngineBridge": "engine_bridge",
 }
 
 __all__ = sorted(_EXPORTS)

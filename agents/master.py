@@ -15,12 +15,10 @@ from typing import Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.history import RevisionRecord, plan_coords
+from agents.profiling import ProfileSummary
+from agents.schemas import DangerZone, MasterGuidance
 from pruning.solver import MacBand
-
-from .history import RevisionRecord, plan_coords
-from .profiling import ProfileSummary
-from .schemas import DangerZone, MasterGuidance
-
 
 _MOVE = re.compile(r"^((?:stage|kind):[^+\-*]+)[+-]$")
 

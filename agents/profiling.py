@@ -165,7 +165,7 @@ def build_profile(
         safe_ranges=safe_ranges or {},
     )
     if safe_ranges is None:  # the default validator limits for this dataset
-        from .safety import SafetyLimits
+        from agents.safety import SafetyLimits
 
         summary.safe_ranges = SafetyLimits.for_dataset(dataset).ranges(summary)
     return summary

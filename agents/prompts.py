@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 from typing import Sequence
 
+from agents.history import RevisionRecord
+from agents.profiling import ProfileSummary
+from agents.schemas import MasterGuidance
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
-
-from .history import RevisionRecord
-from .profiling import ProfileSummary
-from .schemas import MasterGuidance
 
 SOLVER_NOTE = """HOW YOUR OUTPUT IS USED:
 - You choose the SHAPE of the pruning: importance criterion, rounding, global vs uniform allocation,

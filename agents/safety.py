@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.history import RevisionRecord, plan_coords
+from agents.profiling import ProfileSummary
+from agents.schemas import CNNStrategy, DangerZone, MasterGuidance, ViTStrategy
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
-
-from .history import RevisionRecord, plan_coords
-from .profiling import ProfileSummary
-from .schemas import CNNStrategy, DangerZone, MasterGuidance, ViTStrategy
 
 if TYPE_CHECKING:  # pragma: no cover
     from pruning.solver import Solution  # noqa: F401
@@ -361,7 +360,7 @@ class SafetyValidator:
         return PruningPlan.model_validate(data)
 
     def _zones(self, history: Sequence[RevisionRecord], profile: ProfileSummary) -> list[DangerZone]:
-        from .master import compute_danger_zones
+        from agents.master import compute_danger_zones
 
         return compute_danger_zones(history, profile, self.limits.danger_tolerance)
 

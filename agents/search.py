@@ -20,17 +20,16 @@ from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
+from agents.master import MasterAgent
+from agents.profiling import ProfileSummary
+from agents.safety import SafetyValidator
+from agents.schemas import MasterGuidance
+from agents.strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
-from .history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
-from .master import MasterAgent
-from .profiling import ProfileSummary
-from .safety import SafetyValidator
-from .schemas import MasterGuidance
-from .strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
-
-log = logging.getLogger("agents.search")
+log = logging.getLogger(__name__)
 
 
 class Measured(BaseModel):

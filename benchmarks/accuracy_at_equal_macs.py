@@ -51,19 +51,23 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT.parent) not in sys.path:
     sys.path.insert(0, str(ROOT.parent))
 
-from agents.engine_bridge import EngineBridge  # noqa: E402
 from agents.master import MasterAgent, MasterConfig  # noqa: E402
 from agents.safety import SafetyValidator  # noqa: E402
 from agents.search import Evaluated, Measured, SearchContext, run_search  # noqa: E402
 from agents.strategists import HeuristicStrategist  # noqa: E402
-from pruning.data import DataBundle, DataConfig, build_data  # noqa: E402
-from pruning.default_model import load_default_model  # noqa: E402
 from pruning.plan import PruningPlan  # noqa: E402
 from pruning.solver import MacBand  # noqa: E402
 from pruning.space import PruningSpace, count_macs_params, stem_and_head  # noqa: E402
-from pruning.training import (  # noqa: E402
-    DIGITS_RECOVERY_LR, FinetuneConfig, calibrate_copy, evaluate, finetune,
+from pruning.train import (  # noqa: E402
+    DIGITS_RECOVERY_LR,
+    FinetuneConfig,
+    calibrate_copy,
+    evaluate,
+    finetune,
 )
+from pruning.train.data import DataBundle, DataConfig, build_data  # noqa: E402
+from pruning.train.default_model import load_default_model  # noqa: E402
+from tasks.memory_steps import EngineBridge  # noqa: E402
 
 try:  # the shared README writer of the MAC-targeting benchmark
     from benchmarks.mac_targeting import update_readme  # noqa: E402

@@ -1,6 +1,6 @@
 """Prefect + storage overhead per revision: the same search run three ways.
 
-1. plain: ``agents.pipeline`` steps called directly from ``run_search`` (local store), no Prefect;
+1. plain: ``tasks.steps`` steps called directly from ``run_search`` (local store), no Prefect;
 2. prefect-local: the ``agentic_prune`` flow (Prefect ephemeral API) with a local store;
 3. prefect-s3: the flow with an S3 store served by SeaweedFS on loopback.
 
@@ -25,17 +25,16 @@ sys.path.insert(0, str(ROOT.parent / "tests"))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-"))
 
-from agents import pipeline  # noqa: E402
+from mac_targeting import update_readme  # noqa: E402
+
 from agents.master import MasterAgent, MasterConfig  # noqa: E402
-from agents.run_config import RunConfig  # noqa: E402
 from agents.safety import SafetyValidator  # noqa: E402
 from agents.search import SearchContext, run_search  # noqa: E402
 from agents.strategists import HeuristicStrategist  # noqa: E402
-from pruning import runs  # noqa: E402
+from pruning.artifacts import open_store, runs  # noqa: E402
 from pruning.plan import PruningPlan  # noqa: E402
-from pruning.store import open_store  # noqa: E402
-
-from mac_targeting import update_readme  # noqa: E402
+from tasks import steps  # noqa: E402
+from tasks.config import RunConfig  # noqa: E402
 
 
 def config(store: str, revisions: int) -> RunConfig:
@@ -44,10 +43,10 @@ def config(store: str, revisions: int) -> RunConfig:
 
 
 def plain(cfg: RunConfig) -> tuple[float, int]:
-    info = pipeline.open_run(cfg)
-    ctx = pipeline.get_context(cfg, info.run_id)
-    baseline = pipeline.prepare_original(ctx)
-    profile = pipeline.profile_run(ctx)
+    info = steps.open_run(cfg)
+    ctx = steps.get_context(cfg, info.run_id)
+    baseline = steps.prepare_original(ctx)
+    profile = steps.profile_run(ctx)
     validator = SafetyValidator(dataset=cfg.data)
     master = MasterAgent(MasterConfig(max_revisions=cfg.max_revisions, extra_revisions=cfg.extra_revisions))
     n = [0]
@@ -60,8 +59,8 @@ def plain(cfg: RunConfig) -> tuple[float, int]:
                             baseline_accuracy=baseline.val_accuracy, seed=cfg.seed)
     t = time.perf_counter()
     run_search(context, HeuristicStrategist(), validator, master,
-               lambda plan, slot: pipeline.prune_revision(ctx, plan, slot.revision, validator, slot.candidate),
-               lambda m: pipeline.finetune_revision(ctx, m, m.revision, m.candidate), on_record)
+               lambda plan, slot: steps.prune_revision(ctx, plan, slot.revision, validator, slot.candidate),
+               lambda m: steps.finetune_revision(ctx, m, m.revision, m.candidate), on_record)
     return time.perf_counter() - t, n[0]
 
 
@@ -128,7 +127,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         # warm the default model cache and the data so every variant starts equal
-        pipeline.prepare_original(pipeline.get_context(config(f"{tmp}/warm", 1), "warm"))
+        steps.prepare_original(steps.get_context(config(f"{tmp}/warm", 1), "warm"))
         secs, n = plain(config(f"{tmp}/plain", args.revisions))
         rows.append({"variant": "plain (no Prefect), local store", "revisions": n, "search_s": round(secs, 2)})
         print(rows[-1], flush=True)

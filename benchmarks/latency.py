@@ -5,7 +5,7 @@ For each case (timm model, random weights, 224x224; latency does not depend on w
 - ``original``: the unpruned model;
 - ``ours``: the MAC solver at the paper's target and band with the default plan (round_to 8), cut once;
 - ``ours-rt{N}``: the same MAC target with the latency-aware ``round_to`` of the ort-cpu backend
-  (``pruning.latency_solver.DEFAULT_ROUND_TO``);
+  (``pruning.latency_search.DEFAULT_ROUND_TO``);
 - ``ours-latency`` (``--latency-solver``, ResNet-50 by default): the latency solver with the budget
   ``original median * ours MACs / original MACs``, i.e. "CPU speedup = MAC reduction factor";
 - ``tp``: plain Torch-Pruning (MetaPruner, GroupMagnitudeImportance p=2, global_pruning + isomorphic,
@@ -16,7 +16,7 @@ For each case (timm model, random weights, 224x224; latency does not depend on w
 
 All variants of a case are exported to ONNX (parity-checked) and timed with onnxruntime CPU in ONE
 process, interleaved round-robin (order rotating each round), batch 8, so slow drift hits all alike.
-GPU columns are measured with ``pruning.latency.benchmark_torch_gpu`` when CUDA is present, else n/a.
+GPU columns are measured with ``pruning.measure.latency.benchmark_torch_gpu`` when CUDA is present, else n/a.
 
 Writes benchmarks/results/latency.csv and the table between the latency markers in benchmarks/README.md.
 ``--round-to-sweep`` instead measures round_to 8/16/32 at equal MACs (ResNet-50 2.06G, DeiT-Tiny 0.62G)
@@ -43,11 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mac_targeting import tp_ratio_bisection, update_readme  # noqa: E402
 
-from pruning.export import model_size_mb  # noqa: E402
-from pruning.latency import Skipped, available_cpus, benchmark_torch_gpu, cpu_name  # noqa: E402
-from pruning.latency_solver import (  # noqa: E402
-    DEFAULT_ROUND_TO, OrtTimer, copy_space, export_for_timing, solve_latency, time_interleaved,
+from pruning.latency_search import (  # noqa: E402
+    DEFAULT_ROUND_TO,
+    OrtTimer,
+    copy_space,
+    export_for_timing,
+    solve_latency,
+    time_interleaved,
 )
+from pruning.measure.export import model_size_mb  # noqa: E402
+from pruning.measure.latency import Skipped, available_cpus, benchmark_torch_gpu, cpu_name  # noqa: E402
 from pruning.plan import PruningPlan  # noqa: E402
 from pruning.solver import MacBand, solve  # noqa: E402
 from pruning.space import PruningSpace, count_macs_params, example_input  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT.parent))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
-from agents.llm_prune_agent import HeuristicPruneStrategist, LLMPruneConfig, run_prune_agent  # noqa: E402
+from agents.llm_pruning import HeuristicPruneStrategist, LLMPruneConfig, run_prune_agent  # noqa: E402
 from pruning.llm import baselines  # noqa: E402
 from pruning.llm.session import DataConfig, PruneSession  # noqa: E402
 from pruning.llm.tiny_model import TinyLMConfig  # noqa: E402

@@ -132,7 +132,7 @@ def _warm_worker() -> dict:
     from prefect import task
 
     import tasks.run_tasks  # noqa: F401 - what the fine-tuning tasks import
-    from pruning.data import DataConfig, build_data
+    from pruning.train.data import DataConfig, build_data
 
     build_data(DataConfig(spec="digits", seed=0))  # first build in a process imports and loads the data set
 
@@ -208,7 +208,7 @@ def dask_cluster(n_workers: int, worker_env: dict, malloc_trim: bool = False):
 # ----------------------------------------------------------------------------------------------
 def run_config(store: Path, run_id: str, k: int, task_runner: str, args, revisions: int | None = None,
                inline_epochs: int | None = None):
-    from agents.run_config import RunConfig
+    from tasks.config import RunConfig
 
     revisions = revisions or args.revisions
     # extra_revisions >= max_revisions: the two-phase stop cannot fire within max_revisions revisions
@@ -229,7 +229,7 @@ def history_stats(history: list[dict]) -> dict:
     per_rev = [sum(1 for r in history if r["revision"] == rev and t(r, "finetune.finetune_eval_save") is not None)
                for rev in revs]
     accs = [r["accuracy_after"] for r in history if r.get("accuracy_after") is not None]
-    # "fine-tuned on HOST:PID (parent PPID)" notes (recorded by agents.pipeline.finetune_revision)
+    # "fine-tuned on HOST:PID (parent PPID)" notes (recorded by tasks.steps.finetune_revision)
     pids = {int(n.split("fine-tuned on ", 1)[1].split(" ", 1)[0].rsplit(":", 1)[1])
             for r in history for n in r.get("proposal_notes") or [] if n.startswith("fine-tuned on ")}
     return {"pids": pids, "revisions": len(revs), "records": len(history), "candidates": len(work),
@@ -254,8 +254,7 @@ def measure(engine: str, k: int, workers: int | None, task_runner: str, threads:
             stamp: str, pids: set[int], malloc_trim: bool = False) -> dict:
     """One flow run; ``pids``: the processes allowed to fine-tune (checked against the records' notes)."""
     from flows.agentic_prune import agentic_prune
-    from pruning import runs
-    from pruning.store import open_store
+    from pruning.artifacts import open_store, runs
 
     no_default_dask_client()
     label = f"{engine}-k{k}" + (f"-w{workers}" if workers else "")

@@ -11,24 +11,26 @@ import os
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
-    create_link_artifact, create_markdown_artifact, create_progress_artifact, create_table_artifact,
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
     update_progress_artifact,
 )
 from pydantic import BaseModel
 
-from agents import pipeline
 from agents.history import RevisionRecord
 from agents.master import MasterAgent, MasterConfig
-from agents.run_config import RunConfig
 from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured, SearchContext, Slot, run_search
 from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist
-from pruning import runs
+from pruning.artifacts import runs
+from pruning.measure.report import mac_plot_png, markdown_table
 from pruning.plan import PruningPlan
-from pruning.report import mac_plot_png, markdown_table
-from tasks import run_tasks
+from tasks import run_tasks, steps
 from tasks.agent_tasks import TaskStrategist, TaskValidator
-from tasks.engines import candidate_runner, finetune_on_deployment
+from tasks.config import RunConfig
+from tasks.runners import candidate_runner, finetune_on_deployment
 
 
 class RunSummary(BaseModel):
@@ -98,7 +100,7 @@ def agentic_prune(config: RunConfig = RunConfig()) -> RunSummary:
     run_id = info.run_id
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,
              "resuming" if info.resumed else "new", info.completed_revisions)
-    ctx = pipeline.get_context(config, run_id)
+    ctx = steps.get_context(config, run_id)
     try:
         baseline = run_tasks.prepare_original(config, run_id)
         log.info("original model: %.4g G MACs, %.2f M params, val acc %.4f, test acc %.4f; target %.4g G MACs",

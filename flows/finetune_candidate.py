@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from prefect import flow
 
-from agents.run_config import RunConfig
 from agents.search import Evaluated, Measured
 from tasks import run_tasks
+from tasks.config import RunConfig
 
 
 @flow(name="finetune-candidate", flow_run_name="finetune-r{revision}c{candidate}-{run_id}", log_prints=True,

@@ -11,16 +11,19 @@ import os
 import time
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, \
-    update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from pydantic import BaseModel
 
-from agents import llm_pipeline
-from agents.llm_pipeline import LLMRunConfig
-from agents.llm_prune_agent import IterationRecord, PruneAgentLoop
-from pruning import runs
-from pruning.report import markdown_table
-from tasks import llm_tasks
+from agents.llm_pruning import IterationRecord, PruneAgentLoop
+from pruning.artifacts import runs
+from pruning.measure.report import markdown_table
+from tasks import llm_steps, llm_tasks
+from tasks.llm_steps import LLMRunConfig
 
 __all__ = ["LLMRunSummary", "llm_prune"]
 
@@ -75,7 +78,7 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
     t0 = time.perf_counter()
     info = llm_tasks.open_run(config)
     run_id = info.run_id
-    ctx = llm_pipeline.get_context(config, run_id)
+    ctx = llm_steps.get_context(config, run_id)
     log.info("run %s in %s (%s, %d iterations already persisted)", run_id, info.store,
              "resuming" if info.resumed else "new", info.completed_iterations)
     try:
@@ -86,7 +89,7 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
                  model_info.baseline_val_ppl, model_info.baseline_test_ppl)
         if ctx.history:
             log.info("replayed %d persisted iterations: sparsity %.4f", len(ctx.history), sess.mm.overall_sparsity())
-        strategist = llm_pipeline.make_strategist(config)
+        strategist = llm_steps.make_strategist(config)
         pcfg = config.prune_config()
         loop = PruneAgentLoop(sess, strategist, pcfg, history=ctx.history, baseline_ppl=model_info.baseline_val_ppl)
         rows = [_row(r) for r in loop.history]
@@ -115,7 +118,7 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
             from pruning.llm.mcq import evaluate_mcq, load_mcq
 
             mcq_after = evaluate_mcq(sess.model, sess.tokenizer, load_mcq(config.mcq_file, config.mcq_limit)).accuracy
-        saved = llm_pipeline.save_pruned(ctx, config.save_dir) if config.save_dir else None
+        saved = llm_steps.save_pruned(ctx, config.save_dir) if config.save_dir else None
         summary_key = ctx.key("final/summary.md")
         ctx.store.put_json(ctx.key("final/layers.json"), result.layer_sparsities)
         summary = LLMRunSummary(

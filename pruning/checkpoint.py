@@ -15,9 +15,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .models import ModelLoadError, ModelSpec, load_model, load_weights
-from .plan import PruningPlan
-from .space import example_input, update_attention_attributes
+from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
+from pruning.plan import PruningPlan
+from pruning.space import example_input, update_attention_attributes
 
 FORMAT = "agentic-pruner/pruned-model/1"
 

@@ -7,9 +7,9 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from .plan import PruningPlan
-from .solver import MacBand, Solution, solve
-from .space import PruningSpace, count_macs_params
+from pruning.plan import PruningPlan
+from pruning.solver import MacBand, Solution, solve
+from pruning.space import PruningSpace, count_macs_params
 
 
 class PruneResult(BaseModel):

@@ -10,6 +10,8 @@ from typing import Callable
 import torch
 import torch_pruning as tp
 
+from pruning.errors import UserError
+
 _REGISTRY: dict[str, Callable[[int], tp.importance.Importance]] = {}
 
 
@@ -62,7 +64,7 @@ def list_importances() -> list[str]:
 def create_importance(name: str, seed: int = 0) -> tp.importance.Importance:
     """Instantiate the criterion registered as ``name``."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown importance criterion '{name}'; choose from {list_importances()}")
+        raise UserError(f"unknown importance criterion '{name}'; choose from {list_importances()}")
     return _REGISTRY[name](seed)
 
 

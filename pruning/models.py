@@ -14,10 +14,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from pruning.errors import UserError
+
 Family = Literal["cnn", "vit"]
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model could not be created or its weights could not be loaded (one-line message)."""
 
 

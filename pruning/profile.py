@@ -11,8 +11,8 @@ from pydantic import BaseModel
 from torch import nn
 from torch_pruning.utils import op_counter
 
-from .models import model_family
-from .space import PruningSpace, _stage_names, _stage_of
+from pruning.models import model_family
+from pruning.space import PruningSpace, _stage_names, _stage_of
 
 
 class LayerProfile(BaseModel):

@@ -13,8 +13,8 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .plan import PruningPlan
-from .space import Allocation, Cut, PruningError, PruningSpace
+from pruning.plan import PruningPlan
+from pruning.space import Allocation, Cut, PruningError, PruningSpace
 
 
 class InfeasibleTarget(PruningError):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import math
 import re
-import warnings
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -24,12 +24,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.utils import op_counter
 
-from .importance import create_importance, has_gradients, needs_gradients
-from .models import classifier, model_family
-from .plan import PruningPlan
+from pruning.errors import UserError
+from pruning.importance import create_importance, has_gradients, needs_gradients
+from pruning.models import classifier, model_family
+from pruning.plan import PruningPlan
 
 
-class PruningError(ValueError):
+class PruningError(UserError):
     """The model or plan cannot be pruned as asked (one-line message)."""
 
 

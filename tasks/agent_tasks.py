@@ -6,8 +6,7 @@ from prefect.cache_policies import NONE
 
 from agents.safety import SafetyValidator
 from agents.strategists import Proposal, Strategist, StrategyContext
-
-from .retry import IO_RETRY_DELAYS, retry_on_transient
+from tasks.retry import IO_RETRY_DELAYS, retry_on_transient
 
 
 @task(name="strategy-generation", retries=2, retry_delay_seconds=IO_RETRY_DELAYS,

@@ -4,25 +4,23 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NONE
 
-from agents import llm_pipeline
-from agents.llm_prune_agent import IterationRecord, PruneAgentLoop, PruneProposal
-from agents.llm_pipeline import LLMRunConfig
+from agents.llm_pruning import IterationRecord, PruneAgentLoop, PruneProposal
 from pruning.llm.masks import PruneStep
-
-from .retry import IO_RETRY_DELAYS, IO_TASK, retry_on_transient
-
+from tasks import llm_steps
+from tasks.llm_steps import LLMRunConfig
+from tasks.retry import IO_RETRY_DELAYS, IO_TASK, retry_on_transient
 
 
 @task(name="llm-open-run", **IO_TASK)
-def open_run(config: LLMRunConfig) -> llm_pipeline.LLMRunInfo:
+def open_run(config: LLMRunConfig) -> llm_steps.LLMRunInfo:
     """Check the store, then create the run or find it for resuming."""
-    return llm_pipeline.open_run(config)
+    return llm_steps.open_run(config)
 
 
 @task(name="llm-prepare-model", **IO_TASK)
-def prepare(config: LLMRunConfig, run_id: str) -> llm_pipeline.ModelInfo:
+def prepare(config: LLMRunConfig, run_id: str) -> llm_steps.ModelInfo:
     """Load (or train, for the embedded default) the model, profile it, replay persisted steps."""
-    return llm_pipeline.prepare(config, run_id)
+    return llm_steps.prepare(config, run_id)
 
 
 @task(name="llm-agent-decision", retries=2, retry_delay_seconds=IO_RETRY_DELAYS,
@@ -41,4 +39,4 @@ def execute(loop: PruneAgentLoop, proposal: PruneProposal) -> tuple[IterationRec
 @task(name="llm-persist-iteration", **IO_TASK)
 def persist(config: LLMRunConfig, run_id: str, record: IterationRecord, step: PruneStep | None) -> IterationRecord:
     """Step file (removed indices + values) first, then the history record (idempotent)."""
-    return llm_pipeline.persist_iteration(config, run_id, record, step)
+    return llm_steps.persist_iteration(config, run_id, record, step)

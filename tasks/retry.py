@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prefect.cache_policies import NONE
 
-from pruning.store import is_transient_store_error
+from pruning.artifacts import is_transient_store_error
 
 #: Backoff between attempts (seconds) for I/O-bound tasks.
 IO_RETRY_DELAYS = [1, 4, 10]

@@ -1,54 +1,52 @@
-"""Prefect tasks: thin wrappers over ``agents.pipeline`` steps (keys and pydantic models in, out)."""
+"""Prefect tasks: thin wrappers over ``tasks.steps`` steps (keys and pydantic models in, out)."""
 from __future__ import annotations
 
 from prefect import task
 
-from agents import pipeline
 from agents.history import RevisionRecord
 from agents.profiling import ProfileSummary
-from agents.run_config import RunConfig
 from agents.search import Evaluated, Measured
-from pruning import runs
+from pruning.artifacts import runs
 from pruning.plan import PruningPlan
-
-from .retry import IO_TASK
-
+from tasks import steps
+from tasks.config import RunConfig
+from tasks.retry import IO_TASK
 
 
 @task(name="open-run", **IO_TASK)
-def open_run(config: RunConfig) -> pipeline.RunInfo:
+def open_run(config: RunConfig) -> steps.RunInfo:
     """Check the store, then create the run or find it for resuming."""
-    return pipeline.open_run(config)
+    return steps.open_run(config)
 
 
 @task(name="prepare-original-model", **IO_TASK)
-def prepare_original(config: RunConfig, run_id: str) -> pipeline.Baseline:
+def prepare_original(config: RunConfig, run_id: str) -> steps.Baseline:
     """Load (or train, for the embedded default) the original model, store it, measure baseline accuracy."""
-    return pipeline.prepare_original(pipeline.get_context(config, run_id))
+    return steps.prepare_original(steps.get_context(config, run_id))
 
 
 @task(name="profile", **IO_TASK)
 def profile(config: RunConfig, run_id: str) -> ProfileSummary:
     """Profiling Agent: MAC distribution per stage / group kind."""
-    return pipeline.profile_run(pipeline.get_context(config, run_id))
+    return steps.profile_run(steps.get_context(config, run_id))
 
 
 @task(name="prune-and-measure", task_run_name="prune-r{revision}c{candidate}", **IO_TASK)
 def prune(config: RunConfig, run_id: str, plan: PruningPlan, revision: int, validator, candidate: int = 0) -> Measured:
     """Prune the original weights with the plan scaled onto the target; MACs re-counted; bundle stored."""
-    return pipeline.prune_revision(pipeline.get_context(config, run_id), plan, revision, validator, candidate)
+    return steps.prune_revision(steps.get_context(config, run_id), plan, revision, validator, candidate)
 
 
 @task(name="inline-finetune-evaluate", task_run_name="finetune-r{revision}c{candidate}", **IO_TASK)
 def finetune(config: RunConfig, run_id: str, measured: Measured, revision: int, candidate: int = 0) -> Evaluated:
     """Inline fine-tuning of an in-band candidate and validation accuracy (reads and writes only the store)."""
-    return pipeline.finetune_revision(pipeline.get_context(config, run_id), measured, revision, candidate)
+    return steps.finetune_revision(steps.get_context(config, run_id), measured, revision, candidate)
 
 
 @task(name="persist-revision", task_run_name="persist-r{record.revision}c{record.candidate}", **IO_TASK)
 def persist_record(config: RunConfig, run_id: str, record: RevisionRecord) -> int:
     """Append the record to history.jsonl (idempotent: a (revision, candidate) already stored is not added again)."""
-    ctx = pipeline.get_context(config, run_id)
+    ctx = steps.get_context(config, run_id)
     done = {(r["revision"], r.get("candidate", 0)) for r in runs.read_history(ctx.store, run_id)}
     if (record.revision, record.candidate) not in done:
         ctx.store.append_jsonl(ctx.key("history.jsonl"), record.model_dump(mode="json"))
@@ -56,33 +54,33 @@ def persist_record(config: RunConfig, run_id: str, record: RevisionRecord) -> in
 
 
 @task(name="extended-finetune", **IO_TASK)
-def finalize(config: RunConfig, run_id: str, best: RevisionRecord) -> pipeline.FinalModel:
+def finalize(config: RunConfig, run_id: str, best: RevisionRecord) -> steps.FinalModel:
     """Extended fine-tuning with KD + EMA of the selected revision (checkpointed to the store)."""
-    return pipeline.finalize(pipeline.get_context(config, run_id), best)
+    return steps.finalize(steps.get_context(config, run_id), best)
 
 
 @task(name="latency", **IO_TASK)
-def latency(config: RunConfig, run_id: str, final: pipeline.FinalModel):
+def latency(config: RunConfig, run_id: str, final: steps.FinalModel):
     """ONNX export + onnxruntime CPU and torch.compile GPU benchmark of original vs pruned."""
-    return pipeline.measure_latency(pipeline.get_context(config, run_id), final)
+    return steps.measure_latency(steps.get_context(config, run_id), final)
 
 
 @task(name="load-history", **IO_TASK)
 def load_history(config: RunConfig, run_id: str) -> list[RevisionRecord]:
     """Revisions already persisted for this run (resume after preemption)."""
-    ctx = pipeline.get_context(config, run_id)
+    ctx = steps.get_context(config, run_id)
     return [RevisionRecord(**r) for r in runs.read_history(ctx.store, run_id)]
 
 
 @task(name="write-status", **IO_TASK)
 def set_status(config: RunConfig, run_id: str, **fields) -> dict:
     """Merge fields into the run's status.json."""
-    return runs.write_status(pipeline.get_context(config, run_id).store, run_id, **fields)
+    return runs.write_status(steps.get_context(config, run_id).store, run_id, **fields)
 
 
 @task(name="write-summary", **IO_TASK)
 def put_bytes(config: RunConfig, run_id: str, name: str, data: bytes) -> str:
     """Store a report file of the run; returns its store URL."""
-    ctx = pipeline.get_context(config, run_id)
+    ctx = steps.get_context(config, run_id)
     ctx.store.put_bytes(ctx.key(name), data)
     return ctx.store.url_for(ctx.key(name))

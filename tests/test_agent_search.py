@@ -7,7 +7,6 @@ import pytest
 import timm
 import torch
 
-from agents.engine_bridge import engine_callbacks, logit_similarity_evaluator
 from agents.history import from_jsonl, history_dataframe, to_jsonl
 from agents.master import MasterAgent, MasterConfig
 from agents.safety import SafetyValidator
@@ -15,6 +14,7 @@ from agents.search import Evaluated, SearchContext, run_search
 from agents.strategists import HeuristicStrategist
 from pruning.solver import MacBand
 from pruning.space import count_macs_params, example_input
+from tasks.memory_steps import engine_callbacks, logit_similarity_evaluator
 
 COMPARED = ("revision", "strategist_used", "move", "parent_revision", "verdict", "verdict_reasons", "plan", "status",
             "solver_ratio", "achieved_macs", "params", "error_pct", "in_band", "accuracy_before", "collapsed")

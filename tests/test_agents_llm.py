@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from llm_server import Reply, ScriptedLLMServer
 
-from agents.engine_bridge import engine_callbacks
 from agents.history import from_jsonl, to_jsonl
 from agents.master import MasterAgent
 from agents.safety import SafetyValidator
@@ -17,8 +17,7 @@ from agents.search import SearchContext, run_search
 from agents.strategists import LLMConfig, LLMStrategist, LLMUnavailable, create_strategist, list_strategists
 from pruning.solver import MacBand
 from pruning.space import count_macs_params, example_input
-
-from llm_server import Reply, ScriptedLLMServer
+from tasks.memory_steps import engine_callbacks
 
 KEY = "sk-test-SECRET-4f9a2c"
 

@@ -1,4 +1,4 @@
-"""Tests for pruning.data: digits splits, ImageFolder loading, and DataError messages."""
+"""Tests for pruning.train.data: digits splits, ImageFolder loading, and DataError messages."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning.data import (
+from pruning.train.data import (
     DataConfig,
     DataError,
     build_data,
@@ -17,8 +17,6 @@ from pruning.data import (
     digits_splits,
     model_num_classes,
 )
-
-
 
 # --------------------------------------------------------------------------- digits
 

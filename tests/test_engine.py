@@ -1,11 +1,11 @@
 """Pruning engine: plans, exact MAC prediction, solver, ViT heads, bundles."""
+import pytest
 import timm
 import torch
-import pytest
 from pydantic import ValidationError
 from torch import nn
 
-from pruning.checkpoint import load_pruned, make_bundle, bundle_bytes
+from pruning.checkpoint import bundle_bytes, load_pruned, make_bundle
 from pruning.engine import prune_to_target
 from pruning.models import ModelLoadError, ModelSpec, load_model
 from pruning.plan import PruningPlan

@@ -11,9 +11,9 @@ import pytest
 import timm
 import torch
 
-from pruning import export as export_mod
-from pruning.export import ExportError, describe_export_failure, export_onnx, model_size_mb, params_millions
-from pruning.latency import (
+from pruning.measure import export as export_mod
+from pruning.measure.export import ExportError, describe_export_failure, export_onnx, model_size_mb, params_millions
+from pruning.measure.latency import (
     LatencyConfig,
     LatencyStats,
     Skipped,

@@ -1,5 +1,4 @@
 """The Prefect flow end to end: local and S3 stores, resume, preemption, corruption, secrets."""
-import json
 import os
 import signal
 import subprocess
@@ -9,12 +8,10 @@ from pathlib import Path
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
-
-from agents.run_config import RunConfig
-from pruning import runs
-from pruning.store import ChecksumMismatch, open_store
-
 from s3_server import seaweed_s3
+
+from pruning.artifacts import ChecksumMismatch, open_store, runs
+from tasks.config import RunConfig
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +165,7 @@ def test_storage_outage_retried_then_resume_after_long_outage(flow_fn, monkeypat
     """A short S3 outage is absorbed by task retries; a long one fails the run clearly and resume completes it."""
     import threading
 
-    from pruning.store import StoreError
+    from pruning.artifacts import StoreError
 
     with seaweed_s3() as s3:
         for k, v in s3.env().items():

@@ -12,9 +12,15 @@ import timm
 import torch
 
 from agentic_pruner.cli import main
-from pruning.latency_solver import (
-    DEFAULT_ROUND_TO, LatencyInfeasible, LatencyTargetError, OrtTimer, copy_space, export_for_timing,
-    prune_to_latency, solve_latency,
+from pruning.latency_search import (
+    DEFAULT_ROUND_TO,
+    LatencyInfeasible,
+    LatencyTargetError,
+    OrtTimer,
+    copy_space,
+    export_for_timing,
+    prune_to_latency,
+    solve_latency,
 )
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand, solve

@@ -4,17 +4,15 @@ import json
 
 import pytest
 from prefect.testing.utilities import prefect_test_harness
+from test_llm_pruning import TEST_DATA, TEST_TINY, shared_cache_dir
 
-from agents.llm_pipeline import LLMRunConfig
-from agents.llm_prune_agent import HeuristicPruneStrategist, run_prune_agent
 from agentic_pruner import llm_cli
 from agentic_pruner.cli import CliError
-from pruning import runs
+from agents.llm_pruning import HeuristicPruneStrategist, run_prune_agent
+from pruning.artifacts import open_store, runs
 from pruning.llm.session import PruneSession
 from pruning.llm.tiny_model import train_tiny_model
-from pruning.store import open_store
-
-from test_llm_pruning import TEST_DATA, TEST_TINY, shared_cache_dir
+from tasks.llm_steps import LLMRunConfig
 
 pytestmark = pytest.mark.slow
 

@@ -3,11 +3,17 @@ import json
 
 import pytest
 import torch
+from llm_server import Reply, ScriptedLLMServer
 from torch import nn
 
-from agents.llm_prune_agent import (
-    HeuristicPruneStrategist, LLMPruneConfig, LLMPruneStrategist, PruneDecision,
-    read_history_jsonl, history_jsonl, run_prune_agent,
+from agents.llm_pruning import (
+    HeuristicPruneStrategist,
+    LLMPruneConfig,
+    LLMPruneStrategist,
+    PruneDecision,
+    history_jsonl,
+    read_history_jsonl,
+    run_prune_agent,
 )
 from agents.strategists import LLMConfig
 from pruning.llm import baselines
@@ -16,11 +22,15 @@ from pruning.llm.mcq import evaluate_mcq, load_mcq
 from pruning.llm.perplexity import perplexity
 from pruning.llm.session import DataConfig, PruneSession
 from pruning.llm.stats import activation_norms, prunable_linears
-from pruning.llm.tiny_model import ByteTokenizer, ModelNotFound, TinyLMConfig, build_tiny_model, load_causal_lm, \
-    train_tiny_model
+from pruning.llm.tiny_model import (
+    ByteTokenizer,
+    ModelNotFound,
+    TinyLMConfig,
+    build_tiny_model,
+    load_causal_lm,
+    train_tiny_model,
+)
 from pruning.llm.wanda import nm_prune_indices, row_prune_indices, wanda_scores
-
-from llm_server import Reply, ScriptedLLMServer
 
 # Smaller than the default (hidden 128, 400 steps): a few seconds of training on 2 CPU cores.
 TEST_TINY = TinyLMConfig(hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=192,

@@ -12,12 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from agents.run_config import RunConfig
-from pruning import runs
-from pruning.store import open_store
-
 from s3_server import free_ports, seaweed_s3
+
+from pruning.artifacts import open_store, runs
+from tasks.config import RunConfig
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from pruning.store import (
+from pruning.artifacts import (
     ArtifactStore,
     BucketNotFound,
     ChecksumMismatch,

@@ -1,4 +1,4 @@
-"""Tests for pruning.training (calibration, fine-tuning, evaluation) and pruning.default_model."""
+"""Tests for pruning.train (calibration, fine-tuning, evaluation) and pruning.train.default_model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from pruning.data import DataBundle, DataConfig, build_data, make_loader
-from pruning.training import (
+from pruning.train import (
     ExtendedConfig,
     FileCheckpointer,
     FinetuneConfig,
@@ -30,7 +29,7 @@ from pruning.training import (
     recalibrate_batchnorm,
     zero_grads,
 )
-
+from pruning.train.data import DataBundle, DataConfig, build_data, make_loader
 
 
 def tiny_cnn(width: int = 8, num_classes: int = 10, seed: int = 0) -> nn.Module:
@@ -255,7 +254,7 @@ def test_extended_early_stopping_and_cosine(small_bundle: DataBundle):
 
 
 def test_default_model_trainer(tmp_path: Path, monkeypatch):
-    from pruning import default_model as dm
+    from pruning.train import default_model as dm
 
     monkeypatch.setenv("AGENTIC_PRUNER_CACHE", str(tmp_path / "cache"))
     assert dm.default_cache_dir() == tmp_path / "cache"

@@ -16,8 +16,8 @@ from collections import defaultdict
 
 import torch
 
-from .masks import MaskedModel, PruneStep
-from .wanda import magnitude_scores, select_prune_indices, wanda_scores
+from pruning.llm.masks import MaskedModel, PruneStep
+from pruning.llm.wanda import magnitude_scores, select_prune_indices, wanda_scores
 
 __all__ = ["magnitude_prune", "wanda_prune", "prune_to_allocation", "owl_outlier_ratios", "owl_allocation",
            "owl_prune", "OWL_M", "OWL_LAMBDA"]

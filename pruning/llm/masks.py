@@ -18,7 +18,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .stats import LinearInfo, prunable_linears
+from pruning.llm.stats import LinearInfo, prunable_linears
 
 __all__ = ["PruneStep", "MaskedModel", "weights_fingerprint"]
 

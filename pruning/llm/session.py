@@ -18,12 +18,25 @@ from typing import Any
 
 import torch
 
-from .masks import MaskedModel, weights_fingerprint
-from .perplexity import perplexity
-from .stats import SensitivityProfile, activation_norms, build_profile, calibration_windows, gradient_scores, \
-    prunable_linears
-from .tiny_model import CorpusSplits, TinyLMConfig, corpus_splits, load_causal_lm, load_tiny_model, \
-    split_documents, token_stream
+from pruning.llm.masks import MaskedModel, weights_fingerprint
+from pruning.llm.perplexity import perplexity
+from pruning.llm.stats import (
+    SensitivityProfile,
+    activation_norms,
+    build_profile,
+    calibration_windows,
+    gradient_scores,
+    prunable_linears,
+)
+from pruning.llm.tiny_model import (
+    CorpusSplits,
+    TinyLMConfig,
+    corpus_splits,
+    load_causal_lm,
+    load_tiny_model,
+    split_documents,
+    token_stream,
+)
 
 __all__ = ["DataConfig", "LLMData", "prepare_data", "PruneSession", "text_file_splits"]
 

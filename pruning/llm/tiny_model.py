@@ -33,6 +33,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pruning.errors import UserError
+
 __all__ = [
     "ByteTokenizer", "HFTokenizer", "TinyLMConfig", "ModelNotFound", "CorpusSplits", "STDLIB_MODULES",
     "corpus_documents", "split_documents", "corpus_splits", "token_stream", "llm_cache_dir",
@@ -60,7 +62,7 @@ TOKENIZER_FILE = "byte_tokenizer.json"
 INFO_FILE = "training.json"
 
 
-class ModelNotFound(FileNotFoundError):
+class ModelNotFound(UserError, FileNotFoundError):
     """No loadable causal LM at the given local path (one-line message)."""
 
 
@@ -315,7 +317,7 @@ def build_tiny_model(cfg: TinyLMConfig = TinyLMConfig()):
 def train_tiny_model(cfg: TinyLMConfig = TinyLMConfig(), cache_dir: str | os.PathLike[str] | None = None, *,
                      force: bool = False, progress: Callable[[int, int, float], Any] | None = None) -> Path:
     """Train (once) and cache the tiny model; return its ``save_pretrained`` directory."""
-    from .perplexity import perplexity
+    from pruning.llm.perplexity import perplexity
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else llm_cache_dir()
     out = cache / cfg.key()

@@ -1,6 +1,6 @@
 """The steps of an LLM pruning run over an artifact store (plain Python, no Prefect).
 
-Store layout under the run's prefix (``pruning.runs.key(run_id, ...)``)::
+Store layout under the run's prefix (``pruning.artifacts.runs.key(run_id, ...)``)::
 
     config.json          LLMRunConfig (no secrets)
     status.json          state, iteration, sparsity, perplexity, stop reason
@@ -24,17 +24,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pruning import runs
+from agents.llm_pruning import (
+    IterationRecord,
+    LLMPruneConfig,
+    LLMPruneStrategist,
+    PruneStrategist,
+    create_prune_strategist,
+)
+from agents.strategists import LLMConfig
+from pruning.artifacts import ArtifactStore, KeyNotFound, open_store, runs
+from pruning.errors import UserError
 from pruning.llm.masks import PruneStep
 from pruning.llm.session import DataConfig, PruneSession
 from pruning.llm.tiny_model import TinyLMConfig
-from pruning.store import ArtifactStore, KeyNotFound, open_store
 
-from .llm_prune_agent import IterationRecord, LLMPruneConfig, LLMPruneStrategist, PruneStrategist, \
-    create_prune_strategist
-from .strategists import LLMConfig
-
-log = logging.getLogger("agents.llm_pipeline")
+log = logging.getLogger(__name__)
 
 __all__ = ["LLMRunConfig", "LLMRunInfo", "ModelInfo", "LLMRunContext", "get_context", "open_run", "prepare",
            "persist_iteration", "make_strategist", "step_key", "drop_context"]
@@ -161,7 +165,7 @@ def open_run(config: LLMRunConfig) -> LLMRunInfo:
         old = LLMRunConfig(**{**stored, "store": config.store, "run_id": config.run_id})
         if old.identity() != config.identity():
             diff = sorted(k for k, v in config.identity().items() if old.identity().get(k) != v)
-            raise ValueError(f"run '{run_id}' exists with a different configuration ({', '.join(diff)}); "
+            raise UserError(f"run '{run_id}' exists with a different configuration ({', '.join(diff)}); "
                              f"use another --run-id")
         store.put_json(runs.key(run_id, "config.json"), config.model_dump(mode="json"))
         status = runs.write_status(store, run_id, state="running")
@@ -186,7 +190,7 @@ def prepare(config: LLMRunConfig, run_id: str) -> ModelInfo:
     try:
         info = ModelInfo(**ctx.store.get_json(ctx.key("model.json")))
         if info.fingerprint != sess.fingerprint:
-            raise ValueError(f"model weights changed since run '{run_id}' started (fingerprint {sess.fingerprint} "
+            raise UserError(f"model weights changed since run '{run_id}' started (fingerprint {sess.fingerprint} "
                              f"!= stored {info.fingerprint}); start a new run")
     except KeyNotFound:
         mcq = None

@@ -34,6 +34,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from pruning.errors import UserError
+
 __all__ = [
     "DataError",
     "DataConfig",
@@ -52,7 +54,7 @@ DIGITS_STD = (0.5, 0.5, 0.5)
 IMAGEFOLDER_PREFIX = "imagefolder:"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the data source or its fit to the model (one-line message)."""
 
 

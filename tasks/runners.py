@@ -1,6 +1,6 @@
 """Where the candidates of a revision run: the flow's own threads, a Dask cluster, or a Ray cluster.
 
-``candidate_runner(spec)`` turns the ``--task-runner`` string of a :class:`~agents.run_config.RunConfig`
+``candidate_runner(spec)`` turns the ``--task-runner`` string of a :class:`~tasks.config.RunConfig`
 into a started Prefect task runner (used as a context manager inside the flow), so one flow and
 one deployment serve every engine::
 
@@ -22,10 +22,12 @@ from typing import Iterator
 
 from prefect.task_runners import TaskRunner
 
-log = logging.getLogger("tasks.engines")
+from pruning.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(UserError):
     """The requested task runner cannot be used (not installed, or its cluster cannot be reached)."""
 
 
@@ -163,9 +165,9 @@ def finetune_on_deployment(deployment: str, config, run_id: str, items: list, po
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    from agents import pipeline
+    from tasks import steps
 
-    ctx = pipeline.get_context(config, run_id)
+    ctx = steps.get_context(config, run_id)
     worker_config = config.model_copy(update={"finetune_deployment": None, "task_runner": "local"})
 
     def start(m):
@@ -191,7 +193,7 @@ def finetune_on_deployment(deployment: str, config, run_id: str, items: list, po
                     continue
                 m = items[i]
                 if state.is_completed():
-                    evaluated = pipeline.read_evaluated(ctx, m.revision, m.candidate, m.checkpoint_sha256)
+                    evaluated = steps.read_evaluated(ctx, m.revision, m.candidate, m.checkpoint_sha256)
                     if evaluated is None:
                         raise RuntimeError(f"deployment run {fr.name} completed but candidate r{m.revision}c"
                                            f"{m.candidate} left no result in {ctx.store.describe()}")

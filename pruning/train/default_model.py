@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataConfig, build_data
-from .training import _bar, evaluate
+from pruning.train.data import DataConfig, build_data
+from pruning.train.training import _bar, evaluate
 
 __all__ = [
     "DEFAULT_ARCH",

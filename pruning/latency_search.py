@@ -47,11 +47,11 @@ import torch
 import torch_pruning as tp
 from pydantic import BaseModel, ConfigDict, Field
 
-from .export import export_onnx
-from .latency import LatencyStats, _ort_feed, _stats, available_cpus, cpu_name, make_ort_session
-from .plan import PruningPlan
-from .solver import InfeasibleTarget, MacBand, solve
-from .space import Allocation, Cut, PruningError, PruningSpace, count_macs_params
+from pruning.measure.export import export_onnx
+from pruning.measure.latency import LatencyStats, _ort_feed, _stats, available_cpus, cpu_name, make_ort_session
+from pruning.plan import PruningPlan
+from pruning.solver import InfeasibleTarget, MacBand, solve
+from pruning.space import Allocation, Cut, PruningError, PruningSpace, count_macs_params
 
 BACKENDS = ("ort-cpu",)
 

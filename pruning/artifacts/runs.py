@@ -21,7 +21,7 @@ import json
 import re
 from datetime import datetime, timezone
 
-from .store import ArtifactStore, KeyNotFound
+from pruning.artifacts import ArtifactStore, KeyNotFound
 
 
 def run_prefix(run_id: str) -> str:

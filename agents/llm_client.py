@@ -1,4 +1,4 @@
-"""The validated-reply loop shared by the LLM strategists (:mod:`agents.strategists`, :mod:`agents.llm_prune_agent`).
+"""The validated-reply loop shared by the LLM strategists (:mod:`agents.strategists`, :mod:`agents.llm_pruning`).
 
 :func:`ask_validated` asks an OpenAI-compatible chat endpoint, extracts the first JSON object of the reply,
 validates it into a pydantic model (plus optional context checks and a conversion), and on an invalid reply
@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .history import truncate
-from .schemas import extract_json, format_validation_error
+from agents.history import truncate
+from agents.schemas import extract_json, format_validation_error
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .strategists import LLMStrategist
+    from agents.strategists import LLMStrategist
 
 __all__ = ["LLMReply", "ask_validated", "redacted_raw"]
 

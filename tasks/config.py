@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pruning.errors import UserError
 from pruning.plan import Criterion
 
 DEFAULT_MODEL = "default"
@@ -87,9 +88,9 @@ class RunConfig(BaseModel):
             try:
                 pct = float(text[:-1])
             except ValueError:
-                raise ValueError(f"malformed relative target '{text}' (expected e.g. 50%)") from None
+                raise UserError(f"malformed relative target '{text}' (expected e.g. 50%)") from None
             if not 0 < pct < 100:
-                raise ValueError(f"relative target must lie strictly between 0% and 100%, got '{text}'")
+                raise UserError(f"relative target must lie strictly between 0% and 100%, got '{text}'")
             return base_macs * pct / 100
         return parse_macs(text)
 

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data import DataBundle, make_loader
+from pruning.train.data import DataBundle, make_loader
 
 __all__ = [
     "ProgressCallback",

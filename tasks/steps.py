@@ -19,27 +19,32 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from pruning import runs
+from agents.history import RevisionRecord
+from agents.profiling import ProfileSummary, build_profile
+from agents.safety import SafetyValidator, solved_kind_ratios
+from agents.search import Evaluated, Measured
+from pruning.artifacts import ArtifactStore, open_store, runs
 from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
-from pruning.data import DataBundle, DataConfig, build_data, check_num_classes
+from pruning.errors import UserError
 from pruning.models import ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.profile import profile_model
 from pruning.solver import InfeasibleTarget, MacBand, solve
 from pruning.space import PruningError, PruningSpace, count_macs_params
-from pruning.store import ArtifactStore, open_store
-from pruning.training import (
-    ExtendedConfig, FinetuneConfig, calibrate_copy, evaluate, extended_finetune, finetune, state_from_bytes,
+from pruning.train import (
+    ExtendedConfig,
+    FinetuneConfig,
+    calibrate_copy,
+    evaluate,
+    extended_finetune,
+    finetune,
+    state_from_bytes,
     state_to_bytes,
 )
+from pruning.train.data import DataBundle, DataConfig, build_data, check_num_classes
+from tasks.config import DEFAULT_MODEL, RunConfig
 
-from .history import RevisionRecord
-from .profiling import ProfileSummary, build_profile
-from .run_config import DEFAULT_MODEL, RunConfig
-from .safety import SafetyValidator, solved_kind_ratios
-from .search import Evaluated, Measured
-
-log = logging.getLogger("agents.pipeline")
+log = logging.getLogger(__name__)
 DIGITS_LR = 0.02  # measured: recovers a 50 %-MAC pruned default model within 2 points in 2-3 epochs
 
 
@@ -153,7 +158,7 @@ def open_run(config: RunConfig) -> RunInfo:
         stored = store.get_json(cfg_key)
         differs = {k for k in config.identity() if stored.get(k) != safe.get(k)}
         if differs:
-            raise ValueError(f"run {run_id} exists with a different configuration ({', '.join(sorted(differs))}); "
+            raise UserError(f"run {run_id} exists with a different configuration ({', '.join(sorted(differs))}); "
                              "pass another --run-id")
         resumed = True
     else:
@@ -173,9 +178,7 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
     cfg = ctx.config
     torch.manual_seed(cfg.seed)  # a random-init model is reproducible from the seed
     if ctx.is_default_model:
-        from pruning.default_model import DEFAULT_ARCH, DEFAULT_INPUT_SIZE, load_default_model
-
-        from pruning.default_model import default_cache_dir
+        from pruning.train.default_model import DEFAULT_ARCH, DEFAULT_INPUT_SIZE, default_cache_dir, load_default_model
 
         log.info("loading the embedded default model (trained once on the digits train split and cached in %s; "
                  "the first time takes about a minute)", cache_dir or default_cache_dir())
@@ -452,7 +455,7 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
 
 def measure_latency(ctx: RunContext, final: FinalModel):
     """ONNX export + onnxruntime CPU (and torch.compile GPU when available) of original vs final model."""
-    from pruning.latency import LatencyConfig, run_latency_benchmark
+    from pruning.measure.latency import LatencyConfig, run_latency_benchmark
 
     model, _ = load_bundle(ctx, final.key, final.sha256)
     size = ctx.baseline().input_size

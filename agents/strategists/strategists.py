@@ -24,24 +24,24 @@ from typing import Any, Callable, ClassVar, Sequence, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pruning.plan import PruningPlan
-from pruning.solver import MacBand
-
-from .history import RevisionRecord, plan_coords, plan_signature
-from .llm_reply import ask_validated, redacted_raw
-from .master import per_revision, rank_key
-from .profiling import ProfileSummary
-from .prompts import reask_prompt, system_prompt, user_prompt
-from .safety import SafetyLimits, fallback_plan
-from .schemas import (
+from agents.history import RevisionRecord, plan_coords, plan_signature
+from agents.llm_client import ask_validated, redacted_raw
+from agents.master import per_revision, rank_key
+from agents.profiling import ProfileSummary
+from agents.prompts import reask_prompt, system_prompt, user_prompt
+from agents.safety import SafetyLimits, fallback_plan
+from agents.schemas import (
     CNNStrategy,
     MasterGuidance,
     ViTStrategy,
     strategy_from_plan,
     strategy_model,
 )
+from pruning.errors import UserError
+from pruning.plan import PruningPlan
+from pruning.solver import MacBand
 
-log = logging.getLogger("agents.strategists")
+log = logging.getLogger(__name__)
 
 AnyStrategy = Union[CNNStrategy, ViTStrategy]
 
@@ -87,7 +87,7 @@ class StrategiesExhausted(RuntimeError):
     """The strategist has no new (non-duplicate, safe) plan left to propose."""
 
 
-class LLMUnavailable(RuntimeError):
+class LLMUnavailable(UserError):
     """The configured LLM endpoint cannot be used (raised by ``check()`` at startup)."""
 
 
@@ -114,7 +114,7 @@ def list_strategists() -> list[str]:
 
 def create_strategist(name: str, **kwargs: Any) -> "Strategist":
     if name not in _REGISTRY:
-        raise ValueError(f"unknown strategist '{name}'; choose from {list_strategists()}")
+        raise UserError(f"unknown strategist '{name}'; choose from {list_strategists()}")
     return _REGISTRY[name](**kwargs)
 
 

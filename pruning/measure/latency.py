@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
-from pruning.export import (
-    ExportResult,
+from pruning.measure.export import (
     ExporterChoice,
+    ExportResult,
     export_onnx,
     model_size_mb,
     params_millions,
@@ -352,7 +352,7 @@ def _benchmark_torch(
         return _stats(t_comp, mode="compile", peak_memory_mb=peak_comp, reference=eager_stats,
                       note=eager_stats.note, **kw)
     finally:
-        del m, x, compiled
+        m = x = compiled = None  # release the model copies before emptying the cache
         gc.collect()
         if is_cuda:
             torch.cuda.empty_cache()

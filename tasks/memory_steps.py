@@ -13,13 +13,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from agents.profiling import ProfileSummary, build_profile
+from agents.safety import SafetyValidator, UnsafePlanError, solved_kind_ratios
+from agents.search import Evaluated, Measured, Slot
 from pruning.plan import PruningPlan
 from pruning.solver import InfeasibleTarget, MacBand, solve
 from pruning.space import PruningError, PruningSpace, count_macs_params
-
-from .profiling import ProfileSummary, build_profile
-from .safety import SafetyValidator, UnsafePlanError, solved_kind_ratios
-from .search import Evaluated, Measured, Slot
 
 Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
 Finetuner = Callable[[nn.Module], nn.Module]

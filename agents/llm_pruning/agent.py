@@ -30,15 +30,15 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agents.llm_client import ask_validated, redacted_raw
+from agents.strategists import LLMConfig, LLMStrategist
+from pruning.errors import UserError
 from pruning.llm.masks import PruneStep
 from pruning.llm.session import PruneSession
 from pruning.llm.stats import SensitivityProfile, zscores
 from pruning.llm.wanda import parse_nm, row_count, select_prune_indices, wanda_scores
 
-from .llm_reply import ask_validated, redacted_raw
-from .strategists import LLMConfig, LLMStrategist
-
-log = logging.getLogger("agents.llm_prune_agent")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LayerIncrease", "PruneDecision", "LLMPruneConfig", "IterationRecord", "AgentState", "PruneProposal",
@@ -445,7 +445,7 @@ def create_prune_strategist(name: str = "heuristic", *, llm_config: LLMConfig | 
         return HeuristicPruneStrategist(**kwargs)
     if name == "llm":
         return LLMPruneStrategist(llm_config, fallback=fallback, **kwargs)  # type: ignore[return-value]
-    raise ValueError(f"unknown prune strategist '{name}'; choose from ['heuristic', 'llm']")
+    raise UserError(f"unknown prune strategist '{name}'; choose from ['heuristic', 'llm']")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from pydantic import BaseModel, Field
 
+from pruning.errors import UserError
+
 __all__ = [
     "ArtifactStore",
     "BucketNotFound",
@@ -73,7 +75,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # --------------------------------------------------------------------------- errors
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """Base class of all artifact-store errors; the message is one line, secret-free."""
 
     def __init__(self, message: str) -> None:
@@ -982,8 +984,8 @@ class S3Store(ArtifactStore):
 
     def _write(self, op: str, key: str, fn: Callable[[], Any]) -> Any:
         """Run a write; on a missing bucket with create_bucket=True create it and retry once."""
-        from botocore import exceptions as bce
         from boto3 import exceptions as b3e
+        from botocore import exceptions as bce
 
         for attempt in (0, 1):
             try:

@@ -1,0 +1,21 @@
+"""The LLM-pruning agent (seed 003): layer-wise sparsity decisions with self-reflection and rollback."""
+from agents.llm_pruning.agent import (  # noqa: F401
+    PRUNE_SYSTEM,
+    AgentResult,
+    AgentState,
+    HeuristicPruneStrategist,
+    IterationRecord,
+    LayerIncrease,
+    LLMPruneConfig,
+    LLMPruneStrategist,
+    PruneAgentLoop,
+    PruneDecision,
+    PruneProposal,
+    PruneStrategist,
+    create_prune_strategist,
+    history_jsonl,
+    prune_reask_prompt,
+    prune_user_prompt,
+    read_history_jsonl,
+    run_prune_agent,
+)

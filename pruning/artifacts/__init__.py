@@ -1,0 +1,21 @@
+"""Artifact storage: local directories and S3-compatible object stores, atomic writes with sha256."""
+from pruning.artifacts.store import (  # noqa: F401
+    SIDECAR_SUFFIX,
+    ArtifactStore,
+    BucketNotFound,
+    ChecksumMismatch,
+    KeyNotFound,
+    LocalStore,
+    S3Store,
+    StoreAuthError,
+    StoreConfig,
+    StoreError,
+    StoreServerError,
+    StoreUnreachable,
+    available_schemes,
+    is_transient_store_error,
+    open_store,
+    register_store,
+    sha256_hex,
+    validate_key,
+)

@@ -1,0 +1,15 @@
+"""The one exception family for user mistakes.
+
+Anything the user can fix (an unknown model, an impossible target, a malformed number, unreachable
+storage, wrong credentials, a corrupted checkpoint, a bad path) raises a :class:`UserError` subclass
+with a one-line message; the CLI prints it as ``error: ...`` and exits 2. Every other exception is a
+bug: the CLI exits 1 and says where the traceback was written.
+
+``UserError`` subclasses ``ValueError`` so that pydantic validators can raise it and code that
+validates input with ``except ValueError`` keeps working.
+"""
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Something the user asked for cannot be done as asked (one-line message)."""
