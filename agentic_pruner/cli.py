@@ -1,7 +1,8 @@
 """The ``agentic-pruner`` command line.
 
 User mistakes (unknown model, impossible target, malformed numbers, unreachable storage) end with a
-one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+one-line ``error: ...`` on stderr and exit code 2, never a traceback; anything else is a bug: one line,
+exit code 1, and the traceback in a file (``--debug`` prints it).
 """
 from __future__ import annotations
 
@@ -9,97 +10,25 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
-EXIT_USAGE = 2
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _kv_floats(items: list[str] | None, flag: str) -> dict[str, float]:
-    out = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not key.strip():
-            raise CliError(f"{flag} expects NAME=NUMBER, got '{item}'")
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# shared option groups
-# ----------------------------------------------------------------------------------------------
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="timm model name, e.g. resnet50, convnext_small, deit_tiny_patch16_224")
-    p.add_argument("--checkpoint", type=Path, help="state dict to load (read with weights_only=True)")
-    p.add_argument("--num-classes", type=int, help="classifier width (default: the architecture's)")
-    p.add_argument("--pretrained", action="store_true", help="download hub weights (needs internet)")
-    p.add_argument("--input-size", type=int, help="square input resolution (default: the model's config)")
-
-
-def _add_plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--importance", default="l2", choices=["l1", "l2", "random", "taylor"],
-                   help="channel importance (taylor needs calibration data)")
-    p.add_argument("--allocation", default="global", choices=["global", "uniform"])
-    p.add_argument("--round-to", type=int, default=8, help="kept channels are multiples of this")
-    p.add_argument("--max-layer-ratio", type=float, default=0.9, help="no group loses more than this fraction")
-    p.add_argument("--stage-mult", action="append", metavar="STAGE=X", help="per-stage multiplier (repeatable)")
-    p.add_argument("--kind-mult", action="append", metavar="KIND=X",
-                   help="per-kind multiplier: internal, residual, mlp, qkv, head, proj (repeatable)")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def _add_band_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--target-macs", required=required, help="MAC budget per image, e.g. 2.06G or 500M")
-    p.add_argument("--overshoot", type=float, default=5.0, help="allowed %% above target (default 5)")
-    p.add_argument("--undershoot", type=float, default=15.0, help="allowed %% below target (default 15)")
-
-
-def _model_spec(args):
-    from pruning.models import ModelSpec
-
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise CliError(f"checkpoint not found: {args.checkpoint}")
-    return ModelSpec(name=args.model, num_classes=args.num_classes, checkpoint=args.checkpoint,
-                     pretrained=args.pretrained, input_size=args.input_size)
-
-
-def _load(args):
-    from pruning.models import default_input_size, load_model
-    from pruning.space import example_input
-
-    spec = _model_spec(args)
-    _log(f"loading {spec.name}" + (f" from {spec.checkpoint}" if spec.checkpoint else " (random init)" if not spec.pretrained else " (pretrained)"))
-    model = load_model(spec)
-    size = args.input_size or default_input_size(model)
-    return spec, model, size, example_input(size)
-
-
-def _plan(args):
-    from pruning.plan import PruningPlan
-
-    return PruningPlan(importance=args.importance, allocation=args.allocation, round_to=args.round_to,
-                       max_layer_ratio=args.max_layer_ratio,
-                       stage_multipliers=_kv_floats(args.stage_mult, "--stage-mult"),
-                       kind_multipliers=_kv_floats(args.kind_mult, "--kind-mult"))
-
-
-def _band(args):
-    from pruning.solver import MacBand
-    from pruning.units import parse_macs
-
-    return MacBand(target_macs=parse_macs(args.target_macs), overshoot_pct=args.overshoot,
-                   undershoot_pct=args.undershoot)
+from agentic_pruner import llm_cli, search_cli
+from agentic_pruner._args import (
+    EXIT_BUG,
+    EXIT_USAGE,
+    CliError,
+    add_band_args,
+    add_model_args,
+    add_plan_args,
+    band_from_args,
+    load_model_from_args,
+    log,
+    plan_from_args,
+)
+from pruning.errors import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +39,7 @@ def cmd_profile(args) -> int:
     from pruning.profile import profile_model
     from pruning.space import PruningSpace
 
-    spec, model, size, example = _load(args)
+    spec, model, size, example = load_model_from_args(args)
     space = PruningSpace.build(model, example, PruningPlan())
     prof = profile_model(model, example, name=spec.name, space=space)
     if args.json:
@@ -122,7 +51,7 @@ def cmd_profile(args) -> int:
         args.csv_dir.mkdir(parents=True, exist_ok=True)
         for name, frame in prof.frames().items():
             frame.to_csv(args.csv_dir / f"{name}.csv", index=False)
-        _log(f"tables written to {args.csv_dir}/{{layers,stages,groups}}.csv")
+        log(f"tables written to {args.csv_dir}/{{layers,stages,groups}}.csv")
     return 0
 
 
@@ -149,13 +78,13 @@ def cmd_solve(args) -> int:
         return _solve_latency(args)
     if args.round_to is None:
         args.round_to = 8
-    band = _band(args)
-    plan = _plan(args)
+    band = band_from_args(args)
+    plan = plan_from_args(args)
     if plan.importance == "taylor":
         raise CliError("taylor importance needs calibration data; use 'agentic-pruner run --data ...' or pick l1/l2")
-    spec, model, size, example = _load(args)
+    spec, model, size, example = load_model_from_args(args)
     t0 = time.perf_counter()
-    _log(f"solving for {fmt_macs(band.target_macs)} MACs (+{band.overshoot_pct}% / -{band.undershoot_pct}%)")
+    log(f"solving for {fmt_macs(band.target_macs)} MACs (+{band.overshoot_pct}% / -{band.undershoot_pct}%)")
     pruned, result, space = prune_to_target(model, example, plan, band, seed=args.seed)
     seconds = time.perf_counter() - t0
     out = {
@@ -191,17 +120,17 @@ def _solve_latency(args) -> int:
         raise CliError("--batch-size, --max-probes and --latency-runs must be >= 1")
     if args.round_to is None:
         args.round_to = DEFAULT_ROUND_TO[args.latency_backend]
-    plan = _plan(args)
+    plan = plan_from_args(args)
     if plan.importance == "taylor":
         raise CliError("taylor importance needs calibration data; use 'agentic-pruner run --data ...' or pick l1/l2")
-    spec, model, size, example = _load(args)
+    spec, model, size, example = load_model_from_args(args)
     t0 = time.perf_counter()
-    _log(f"solving for {args.target_latency_ms:g} ms median latency (+0% / -10%) at batch {args.batch_size} "
+    log(f"solving for {args.target_latency_ms:g} ms median latency (+0% / -10%) at batch {args.batch_size} "
          f"on {args.latency_backend}, round_to {plan.round_to}")
     pruned, result, space = prune_to_latency(
         model, example, plan, args.target_latency_ms, seed=args.seed, batch_size=args.batch_size,
         backend=args.latency_backend, threads=args.threads, max_probes=args.max_probes, runs=args.latency_runs,
-        round_to=plan.round_to, log=lambda msg: _log(f"  {msg}"))
+        round_to=plan.round_to, log=lambda msg: log(f"  {msg}"))
     sol = result.solution
     seconds = time.perf_counter() - t0
     out = {
@@ -350,7 +279,7 @@ def cmd_run(args) -> int:
 def cmd_demo(args) -> int:
     from tasks.config import RunConfig
 
-    _log("demo: prune the embedded default (timm resnet18 trained on scikit-learn digits) to 50% of its MACs")
+    log("demo: prune the embedded default (timm resnet18 trained on scikit-learn digits) to 50% of its MACs")
     return _execute(RunConfig(store=args.store))
 
 
@@ -448,19 +377,20 @@ def _register_flow_commands(sub) -> None:
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentic-pruner", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of any error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("profile", help="MACs/params per layer, stage and prunable group")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--top", type=int, default=10, help="layers to list")
     p.add_argument("--json", action="store_true", help="print the full profile as JSON")
     p.add_argument("--csv-dir", type=Path, help="also write layers/stages/groups CSV tables here")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("solve", help="prune a model onto a MAC budget in one shot (or a measured latency budget)")
-    _add_model_args(p)
-    _add_band_args(p, required=False)
-    _add_plan_args(p)
+    add_model_args(p)
+    add_band_args(p, required=False)
+    add_plan_args(p)
     p.set_defaults(round_to=None)  # 8 for MAC targets; the backend's default for latency targets
     lat = p.add_argument_group("latency target (instead of --target-macs)")
     lat.add_argument("--target-latency-ms", type=float,
@@ -475,48 +405,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", type=Path, help="write the pruned-model bundle here")
     p.set_defaults(func=cmd_solve)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    _register_flow_commands(sub)
+    search_cli.register(sub)
+    llm_cli.register(sub)
     return parser
 
 
-def _register_search_commands(sub) -> None:
-    from agentic_pruner import search_cli  # imported late: search_cli imports from this module
-
-    search_cli.register(sub)
-
-
-def _register_llm_commands(sub) -> None:
-    from agentic_pruner import llm_cli
-
-    llm_cli.register(sub)
-
-
-#: Later modules (search, flows, latency) append ``register(subparsers)`` functions here.
-_EXTRA_COMMANDS: list = [_register_flow_commands, _register_search_commands, _register_llm_commands]
-
-
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What counts as a user mistake (exit 2): the ``UserError`` family, invalid config values, and paths the
+    user gave that cannot be read or written."""
     from pydantic import ValidationError
 
-    from pruning.models import ModelLoadError
-    from pruning.space import PruningError
-
-    errors: list[type[BaseException]] = [CliError, ModelLoadError, PruningError, ValidationError, ValueError,
-                                         FileNotFoundError, PermissionError]
-    try:
-        from pruning.artifacts import StoreError
-
-        errors.append(StoreError)
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        from tasks.runners import EngineUnavailable
-
-        errors.append(EngineUnavailable)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (UserError, ValidationError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -531,22 +431,41 @@ def _one_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _write_traceback(exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error to a file the user can attach to a bug report."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="agentic-pruner-traceback-", suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            traceback.print_exception(exc, file=f)
+        return Path(name)
+    except OSError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command: exit 0 on success, 2 on a user mistake (one line), 1 on a bug (one line plus
+    where the traceback was written; ``--debug`` or ``AGENTIC_PRUNER_DEBUG=1`` prints it instead)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # the ephemeral API server needs more than Prefect's default 20 s on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or bool(os.environ.get("AGENTIC_PRUNER_DEBUG"))
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])  # --debug goes anywhere
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        _log("interrupted")
+        log("interrupted")
         return 130
     except Exception as exc:
-        if isinstance(exc, _user_errors()) and not os.environ.get("AGENTIC_PRUNER_DEBUG"):
-            _log(f"error: {_one_line(exc)}")
+        if debug:
+            raise
+        if isinstance(exc, _user_errors()):
+            log(f"error: {_one_line(exc)}")
             return EXIT_USAGE
-        raise
+        where = _write_traceback(exc)
+        log(f"error: internal error ({type(exc).__name__}: {_one_line(exc)[:300]}); this is a bug, not your input. "
+            + (f"Traceback written to {where}" if where else "Rerun with --debug for the traceback"))
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -1,17 +1,13 @@
 """``agentic-pruner llm``: agent-guided unstructured pruning of a causal LM (Prefect flow, resumable).
 
-Registered by adding ``llm_cli.register`` to ``agentic_pruner.cli._EXTRA_COMMANDS``.
+Registered by ``agentic_pruner.cli.build_parser``.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-
-def _cli_error(msg: str) -> Exception:
-    from agentic_pruner.cli import CliError
-
-    return CliError(msg)
+from agentic_pruner._args import CliError
 
 
 def _config(args):
@@ -19,17 +15,17 @@ def _config(args):
     from tasks.llm_steps import LLMRunConfig
 
     if args.model_path is not None and not Path(args.model_path).expanduser().is_dir():
-        raise _cli_error(f"model directory not found: {args.model_path}")
+        raise CliError(f"model directory not found: {args.model_path}")
     for flag, path in (("--mcq", args.mcq), ("--text", args.text)):
         if path is not None and not Path(path).is_file():
-            raise _cli_error(f"{flag} file not found: {path}")
+            raise CliError(f"{flag} file not found: {path}")
     if not 0 < args.target_sparsity < 0.95:
-        raise _cli_error(f"--target-sparsity must lie in (0, 0.95), got {args.target_sparsity}")
+        raise CliError(f"--target-sparsity must lie in (0, 0.95), got {args.target_sparsity}")
     nm = parse_nm(args.nm)
     if nm is not None and args.target_sparsity > nm[0] / nm[1]:
-        raise _cli_error(f"--target-sparsity {args.target_sparsity} exceeds what {args.nm} allows ({nm[0] / nm[1]:g})")
+        raise CliError(f"--target-sparsity {args.target_sparsity} exceeds what {args.nm} allows ({nm[0] / nm[1]:g})")
     if args.strategist == "llm" and not (args.llm_model or os.environ.get("AGENTIC_PRUNER_LLM_MODEL")):
-        raise _cli_error("--strategist llm needs --llm-model (or AGENTIC_PRUNER_LLM_MODEL)")
+        raise CliError("--strategist llm needs --llm-model (or AGENTIC_PRUNER_LLM_MODEL)")
     return LLMRunConfig(
         model_path=str(Path(args.model_path).expanduser()) if args.model_path else None,
         target_sparsity=args.target_sparsity, rollback_threshold=args.rollback_threshold,

@@ -1,7 +1,7 @@
 """``agentic-pruner search``: the whole agent loop on CPU, without Prefect, with a quick accuracy proxy.
 
 The loop is :func:`agents.search.run_search` with the engine callbacks of
-:func:`tasks.memory_steps.engine_callbacks`: the Master Agent analyses the history, the strategist
+:func:`tasks.memory_steps.search_steps`: the Master Agent analyses the history, the strategist
 (heuristic, or an OpenAI-compatible LLM) proposes a shape, the safety validator corrects it, the
 solver scales it onto the MAC band, the original model is pruned and its MACs are re-counted.
 
@@ -22,12 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from agentic_pruner.cli import CliError, _add_band_args, _add_model_args, _band, _load, _log
-
-
-class SearchInputError(CliError, ValueError):
-    """A ``CliError`` that is also a ``ValueError``, so it stays a one-line user error even when the CLI runs
-    as ``python -m agentic_pruner.cli`` (then ``__main__.CliError`` is a different class than ours)."""
+from agentic_pruner._args import CliError, add_band_args, add_model_args, band_from_args, load_model_from_args, log
 
 #: Columns of the final history table (``history_dataframe`` names).
 TABLE_COLUMNS = ("revision", "strategist_used", "move", "verdict", "status", "achieved_macs", "error_pct", "in_band",
@@ -49,22 +44,22 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
                  check_strategist: bool = True, on_profile: Callable | None = None):
     """Run the agent search on ``model`` with the agreement proxy as evaluator (no data, no fine-tuning).
 
-    Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises :class:`SearchInputError` when
+    Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises :class:`CliError` when
     the target is not below the model's MACs. ``on_profile(profile)`` is called before the first revision.
     """
     from agents.master import MasterAgent, MasterConfig
     from agents.safety import SafetyValidator
     from agents.search import SearchContext, run_search
     from pruning.plan import PruningPlan
-    from tasks.memory_steps import agreement_evaluator, engine_callbacks
+    from tasks.memory_steps import agreement_evaluator, search_steps
 
     inputs = proxy_inputs(example.shape[-1], eval_samples, seed)
     validator = SafetyValidator()
-    bridge = engine_callbacks(model, example, band, agreement_evaluator(model, inputs), validator=validator,
+    bridge = search_steps(model, example, band, agreement_evaluator(model, inputs), validator=validator,
                               seed=seed)
     profile = bridge.profile(model_name=model_name, num_classes=num_classes)
     if band.target_macs >= profile.base_macs:
-        raise SearchInputError(f"target {band.target_macs / 1e9:.4g} G MACs is not below the model's "
+        raise CliError(f"target {band.target_macs / 1e9:.4g} G MACs is not below the model's "
                        f"{profile.base_macs / 1e9:.4g} G MACs")
     if on_profile is not None:
         on_profile(profile)
@@ -107,10 +102,10 @@ def _strategist(args):
         try:
             strategist.check()
         except LLMUnavailable as exc:
-            raise SearchInputError(f"{exc} (use --strategist heuristic, or drop --no-llm-fallback)") from None
+            raise CliError(f"{exc} (use --strategist heuristic, or drop --no-llm-fallback)") from None
     if logging.getLogger(__name__).hasHandlers():  # else logging's last resort already printed it
         for w in caught:
-            _log(f"warning: {w.message}")
+            log(f"warning: {w.message}")
     return strategist
 
 
@@ -121,28 +116,28 @@ def cmd_search(args) -> int:
     from pruning.units import fmt_macs
 
     if args.max_revisions < 1:
-        raise SearchInputError("--max-revisions must be at least 1")
+        raise CliError("--max-revisions must be at least 1")
     if args.extra_revisions < 0:
-        raise SearchInputError("--extra-revisions must not be negative")
+        raise CliError("--extra-revisions must not be negative")
     if args.eval_samples < 1:
-        raise SearchInputError("--eval-samples must be at least 1")
-    band = _band(args)  # malformed numbers fail before any work
+        raise CliError("--eval-samples must be at least 1")
+    band = band_from_args(args)  # malformed numbers fail before any work
     strategist = _strategist(args)  # an unusable LLM endpoint fails before any work
     out: Path | None = args.out
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")  # a fresh history; unwritable paths fail before any work
     torch.manual_seed(args.seed)
-    spec, model, size, example = _load(args)
+    spec, model, size, example = load_model_from_args(args)
     t0 = time.perf_counter()
 
     def on_profile(profile) -> None:
-        _log(f"{spec.name}: {fmt_macs(profile.base_macs)} MACs -> target {fmt_macs(band.target_macs)} "
+        log(f"{spec.name}: {fmt_macs(profile.base_macs)} MACs -> target {fmt_macs(band.target_macs)} "
              f"(band {fmt_macs(band.lower)} .. {fmt_macs(band.upper)}); strategist {args.strategist}; "
              f"proxy: top-1 agreement with the original on {args.eval_samples} random inputs (seed {args.seed})")
 
     def on_record(record) -> None:
-        _log(progress_line(record))
+        log(progress_line(record))
         if out is not None:
             append_jsonl(record, out)
 
@@ -195,14 +190,14 @@ def cmd_search(args) -> int:
 
 
 def register(sub) -> None:
-    """Add the ``search`` sub-command (listed in ``agentic_pruner.cli._EXTRA_COMMANDS``)."""
+    """Add the ``search`` sub-command (called by ``agentic_pruner.cli.build_parser``)."""
     p = sub.add_parser("search", help="run the agent search loop on CPU without Prefect (proxy evaluation)",
                        description="Run the agent search loop (Master, strategist, safety validator, MAC solver) on CPU "
                                    "without Prefect. Evaluation is a proxy: top-1 agreement between the pruned and "
                                    "the original model on a fixed batch of seeded random inputs; no data, no "
                                    "fine-tuning.")
-    _add_model_args(p)
-    _add_band_args(p)
+    add_model_args(p)
+    add_band_args(p)
     p.add_argument("--strategist", default="heuristic", choices=["heuristic", "llm"])
     p.add_argument("--llm-base-url", help="OpenAI-compatible endpoint (default: AGENTIC_PRUNER_LLM_BASE_URL); "
                                           "key from OPENAI_API_KEY")

@@ -67,7 +67,7 @@ from pruning.train import (  # noqa: E402
 )
 from pruning.train.data import DataBundle, DataConfig, build_data  # noqa: E402
 from pruning.train.default_model import load_default_model  # noqa: E402
-from tasks.memory_steps import EngineBridge  # noqa: E402
+from tasks.memory_steps import MemorySteps  # noqa: E402
 
 try:  # the shared README writer of the MAC-targeting benchmark
     from benchmarks.mac_targeting import update_readme  # noqa: E402
@@ -241,7 +241,7 @@ class AgentRun:
                 finetune(m, data, ft_config(search_epochs, seed, reduction), progress=False)
             return m
 
-        self.bridge = EngineBridge(original, example, band, val, finetune=inline, calibrated_model=calibrated,
+        self.bridge = MemorySteps(original, example, band, val, finetune=inline, calibrated_model=calibrated,
                                    validator=SafetyValidator(dataset="digits"), seed=seed)
         self.master = MasterAgent(MasterConfig(max_revisions=max_revisions, extra_revisions=extra_revisions))
         self.pruned: dict[int, nn.Module] = {}

@@ -1,7 +1,7 @@
 """Agent search: how many revisions the heuristic agent loop needs to land in the MAC band, on the paper's seven cases.
 
 For each case of ``mac_targeting.CASES`` (224x224, random weights) the full search loop runs on CPU
-(``agents.search.run_search`` with ``tasks.memory_steps.engine_callbacks``, as ``agentic-pruner search``
+(``agents.search.run_search`` with ``tasks.memory_steps.search_steps``, as ``agentic-pruner search``
 does): Master Agent, heuristic strategist, safety validator, MAC solver, prune of the original model,
 MAC re-count. Evaluation is the proxy of ``agentic-pruner search``: top-1 agreement between the pruned
 and the original model on a fixed batch of seeded random inputs, no fine-tuning.

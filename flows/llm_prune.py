@@ -13,13 +13,11 @@ import time
 from prefect import flow, get_run_logger
 from prefect.artifacts import (
     create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
 )
 from pydantic import BaseModel
 
 from agents.llm_pruning import IterationRecord, PruneAgentLoop
+from flows._report import LiveTable, artifact_key, failure_recorded
 from pruning.artifacts import runs
 from pruning.measure.report import markdown_table
 from tasks import llm_steps, llm_tasks
@@ -51,10 +49,6 @@ class LLMRunSummary(BaseModel):
     seconds: float
 
 
-def _artifact_key(run_id: str, what: str) -> str:
-    return "-".join(filter(None, "".join(c if c.isalnum() else "-" for c in f"{run_id}-{what}".lower()).split("-")))[:120]
-
-
 def _row(r: IterationRecord) -> dict:
     return {"iteration": r.iteration, "strategist": r.strategist, "layers": len(r.applied),
             "sparsity before": round(r.sparsity_before, 4), "sparsity after": round(r.sparsity_after, 4),
@@ -81,7 +75,7 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
     ctx = llm_steps.get_context(config, run_id)
     log.info("run %s in %s (%s, %d iterations already persisted)", run_id, info.store,
              "resuming" if info.resumed else "new", info.completed_iterations)
-    try:
+    with failure_recorded(ctx.store, run_id):
         model_info = llm_tasks.prepare(config, run_id)
         sess = ctx.session
         log.info("model %s: %d prunable linears, %.3g M prunable weights; dense val ppl %.4f, test ppl %.4f",
@@ -89,61 +83,54 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
                  model_info.baseline_val_ppl, model_info.baseline_test_ppl)
         if ctx.history:
             log.info("replayed %d persisted iterations: sparsity %.4f", len(ctx.history), sess.mm.overall_sparsity())
-        strategist = llm_steps.make_strategist(config)
         pcfg = config.prune_config()
-        loop = PruneAgentLoop(sess, strategist, pcfg, history=ctx.history, baseline_ppl=model_info.baseline_val_ppl)
-        rows = [_row(r) for r in loop.history]
-        progress_id = create_progress_artifact(
-            progress=min(100.0, 100.0 * sess.mm.overall_sparsity() / pcfg.target_sparsity),
-            key=_artifact_key(run_id, "progress"), description="overall sparsity / target")
+        loop = PruneAgentLoop(sess, llm_steps.make_strategist(config), pcfg, history=ctx.history,
+                              baseline_ppl=model_info.baseline_val_ppl)
+        progress = lambda: 100.0 * sess.mm.overall_sparsity() / pcfg.target_sparsity  # noqa: E731
+        table = LiveTable(run_id, "iterations", [_row(r) for r in loop.history], f"iterations of {run_id}",
+                          progress(), "overall sparsity / target")
         while not loop.done():
             proposal = llm_tasks.propose(loop)
             record, step = llm_tasks.execute(loop, proposal)
             record = llm_tasks.persist(config, run_id, record, step)
             loop.history[-1] = record  # now carries its step key
-            rows.append(_row(record))
-            create_table_artifact(table=rows, key=_artifact_key(run_id, "iterations"),
-                                  description=f"iterations of {run_id}")
-            update_progress_artifact(progress_id,
-                                     progress=min(100.0, 100.0 * sess.mm.overall_sparsity() / pcfg.target_sparsity))
+            table.add(_row(record), progress())
             log.info("iteration %d [%s]: %s; sparsity %.4f -> %.4f, val ppl %.4f%s", record.iteration,
                      record.strategist, record.reason, record.sparsity_before, record.sparsity, loop.current_ppl,
                      f" (fallback: {record.fallback_reason})" if record.fallback_reason else "")
         result = loop.result(time.perf_counter() - t0)
-        update_progress_artifact(progress_id, progress=100.0 if result.reached else
-                                 100.0 * result.final_sparsity / pcfg.target_sparsity)
-        final_test = sess.test_ppl()
-        mcq_after = None
-        if config.mcq_file:
-            from pruning.llm.mcq import evaluate_mcq, load_mcq
+        table.progress(100.0 if result.reached else progress())
+        return _finish(config, ctx, info, model_info, loop, result, t0)
 
-            mcq_after = evaluate_mcq(sess.model, sess.tokenizer, load_mcq(config.mcq_file, config.mcq_limit)).accuracy
-        saved = llm_steps.save_pruned(ctx, config.save_dir) if config.save_dir else None
-        summary_key = ctx.key("final/summary.md")
-        ctx.store.put_json(ctx.key("final/layers.json"), result.layer_sparsities)
-        summary = LLMRunSummary(
-            run_id=run_id, store=info.store, stop_reason=result.stop_reason, reached=result.reached,
-            iterations=result.iterations, new_iterations=result.new_iterations,
-            resumed_iterations=result.resumed_iterations, rollbacks=result.rollbacks, fallbacks=result.fallbacks,
-            target_sparsity=pcfg.target_sparsity, final_sparsity=result.final_sparsity,
-            baseline_val_ppl=model_info.baseline_val_ppl, final_val_ppl=result.final_ppl,
-            baseline_test_ppl=model_info.baseline_test_ppl, final_test_ppl=final_test,
-            mcq_before=model_info.mcq_accuracy, mcq_after=mcq_after, saved_to=saved, summary_key=summary_key,
-            seconds=time.perf_counter() - t0)
-        text = _summary_markdown(summary, loop, sess)
-        ctx.store.put_bytes(summary_key, text.encode())
-        create_markdown_artifact(markdown=text, key=_artifact_key(run_id, "summary"), description="LLM pruning run")
-        runs.write_status(ctx.store, run_id, state="completed" if result.reached else "finished-below-target",
-                          stop_reason=result.stop_reason, sparsity=result.final_sparsity, val_ppl=result.final_ppl,
-                          test_ppl=final_test)
-        return summary
-    except BaseException as exc:
-        try:
-            runs.write_status(ctx.store, run_id, state="failed",
-                              error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
-        except Exception:  # noqa: BLE001 - the store may be what failed
-            pass
-        raise
+
+def _finish(config: LLMRunConfig, ctx, info, model_info, loop: PruneAgentLoop, result, t0: float) -> LLMRunSummary:
+    """Final test perplexity (and multiple-choice accuracy), the saved model, the summary and the status."""
+    sess, run_id, pcfg = ctx.session, ctx.run_id, config.prune_config()
+    final_test = sess.test_ppl()
+    mcq_after = None
+    if config.mcq_file:
+        from pruning.llm.mcq import evaluate_mcq, load_mcq
+
+        mcq_after = evaluate_mcq(sess.model, sess.tokenizer, load_mcq(config.mcq_file, config.mcq_limit)).accuracy
+    saved = llm_steps.save_pruned(ctx, config.save_dir) if config.save_dir else None
+    summary_key = ctx.key("final/summary.md")
+    ctx.store.put_json(ctx.key("final/layers.json"), result.layer_sparsities)
+    summary = LLMRunSummary(
+        run_id=run_id, store=info.store, stop_reason=result.stop_reason, reached=result.reached,
+        iterations=result.iterations, new_iterations=result.new_iterations,
+        resumed_iterations=result.resumed_iterations, rollbacks=result.rollbacks, fallbacks=result.fallbacks,
+        target_sparsity=pcfg.target_sparsity, final_sparsity=result.final_sparsity,
+        baseline_val_ppl=model_info.baseline_val_ppl, final_val_ppl=result.final_ppl,
+        baseline_test_ppl=model_info.baseline_test_ppl, final_test_ppl=final_test,
+        mcq_before=model_info.mcq_accuracy, mcq_after=mcq_after, saved_to=saved, summary_key=summary_key,
+        seconds=time.perf_counter() - t0)
+    text = _summary_markdown(summary, loop, sess)
+    ctx.store.put_bytes(summary_key, text.encode())
+    create_markdown_artifact(markdown=text, key=artifact_key(run_id, "summary"), description="LLM pruning run")
+    runs.write_status(ctx.store, run_id, state="completed" if result.reached else "finished-below-target",
+                      stop_reason=result.stop_reason, sparsity=result.final_sparsity, val_ppl=result.final_ppl,
+                      test_ppl=final_test)
+    return summary
 
 
 def _summary_markdown(s: LLMRunSummary, loop: PruneAgentLoop, sess) -> str:

@@ -1,9 +1,9 @@
-"""Ready-made ``run_search`` callbacks on top of the pruning engine (CLI and tests).
+"""The search steps in memory, without a store or Prefect (the CLI's ``search`` and tests).
 
-``prune_and_measure(plan)``: PruningSpace.build (always from the ORIGINAL model, Algorithm 1 line 6)
--> solve (MAC band) -> post-solve safety repair -> apply -> count_macs_params (re-verified MACs)
--> optional zero-shot evaluation. ``finetune_and_evaluate(measured)``: optional inline fine-tuning
-of the pruned model, evaluation, optional checkpoint.
+``prune_and_measure(plan)``: :func:`tasks.prune_step.prune_candidate` on the ORIGINAL model (Algorithm 1
+line 6; the one prune path: analyse a copy, solve onto the band, safety repair, cut, re-count) ->
+optional zero-shot evaluation. ``finetune_and_evaluate(measured)``: optional inline fine-tuning of the
+pruned model, evaluation, optional checkpoint.
 """
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import torch
 from torch import nn
 
 from agents.profiling import ProfileSummary, build_profile
-from agents.safety import SafetyValidator, UnsafePlanError, solved_kind_ratios
+from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured, Slot
 from pruning.plan import PruningPlan
-from pruning.solver import InfeasibleTarget, MacBand, solve
-from pruning.space import PruningError, PruningSpace, count_macs_params
+from pruning.solver import MacBand
+from pruning.space import PruningSpace
+from tasks.prune_step import prune_candidate
 
 Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
 Finetuner = Callable[[nn.Module], nn.Module]
 Checkpointer = Callable[[nn.Module, Measured], tuple[str, str]]  # -> (key, sha256)
 
 
-class EngineBridge:
+class MemorySteps:
     """Holds the original model (never modified) and implements the search callbacks."""
 
     def __init__(
@@ -79,45 +80,21 @@ class EngineBridge:
 
     # -- callbacks -------------------------------------------------------------------------------
     def prune_and_measure(self, plan: PruningPlan, slot: Slot | None = None) -> Measured:
-        timings: dict[str, float] = {}
-        t = time.perf_counter()
         src = self.model
         if plan.importance == "taylor":
             if self.calibrated_model is None:
                 return Measured(plan=plan, status="error", error="taylor importance needs a calibrated model copy")
             src = self.calibrated_model
-        notes: list[str] = []
-        try:
-            space = PruningSpace.build(src, self.example, plan, self.seed)
-            timings["build"] = time.perf_counter() - t
-            t = time.perf_counter()
-            sol = solve(space, plan, self.band)
-            plan2, sol, notes = self.validator.repair_solution(space, plan, self.band, sol, solve)
-            timings["solve"] = time.perf_counter() - t
-            t = time.perf_counter()
-            pruned = space.apply(sol.cuts())
-            macs, params = count_macs_params(pruned, self.example)
-            timings["apply"] = time.perf_counter() - t
-        except InfeasibleTarget as exc:
-            return Measured(plan=plan, status="infeasible", error=str(exc).splitlines()[0][:300], timings=timings)
-        except UnsafePlanError as exc:
-            return Measured(plan=plan, status="rejected", error=str(exc)[:300], timings=timings)
-        except PruningError as exc:
-            return Measured(plan=plan, status="error", error=str(exc).splitlines()[0][:300], timings=timings)
-        if abs(macs - sol.predicted_macs) > 0.5:
-            notes.append(f"MAC prediction {sol.predicted_macs:.0f} differs from the recount {macs:.0f}")
-        acc = None
+        measured, pruned, _ = prune_candidate(src, self.example, plan, self.band, seed=self.seed,
+                                              validator=self.validator)
+        if pruned is None:
+            return measured
         if self.evaluator is not None and self.evaluate_zero_shot:
             t = time.perf_counter()
-            acc = float(self.evaluator(pruned))
-            timings["eval"] = time.perf_counter() - t
-        return Measured(
-            plan=sol.plan, solver_ratio=sol.ratio, predicted_macs=float(sol.predicted_macs), achieved_macs=float(macs),
-            allocation_digest=sol.digest(),
-            params=int(params), error_pct=self.band.error_pct(macs), in_band=self.band.contains(macs),
-            kind_ratios=solved_kind_ratios(space, sol), accuracy_before=acc, notes=notes, timings=timings,
-            model=pruned,
-        )
+            measured.accuracy_before = float(self.evaluator(pruned))
+            measured.timings["eval"] = time.perf_counter() - t
+        measured.model = pruned
+        return measured
 
     def _finetune_and_evaluate(self, measured: Measured) -> Evaluated:
         model = measured.model
@@ -141,10 +118,10 @@ class EngineBridge:
         return Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha, timings=timings)
 
 
-def engine_callbacks(model: nn.Module, example: torch.Tensor, band: MacBand, evaluator: Evaluator | None = None,
-                     **kwargs) -> EngineBridge:
+def search_steps(model: nn.Module, example: torch.Tensor, band: MacBand, evaluator: Evaluator | None = None,
+                     **kwargs) -> MemorySteps:
     """``bridge.prune_and_measure`` / ``bridge.finetune_and_evaluate`` (None without finetune/checkpoint)."""
-    return EngineBridge(model, example, band, evaluator, **kwargs)
+    return MemorySteps(model, example, band, evaluator, **kwargs)
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from pruning.errors import UserError
 log = logging.getLogger(__name__)
 
 
-class EngineUnavailable(UserError):
+class RunnerUnavailable(UserError):
     """The requested task runner cannot be used (not installed, or its cluster cannot be reached)."""
 
 
@@ -73,7 +73,7 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            raise EngineUnavailable(f"task runner '{spec}' needs prefect-dask: pip install prefect-dask ({exc})") from None
+            raise RunnerUnavailable(f"task runner '{spec}' needs prefect-dask: pip install prefect-dask ({exc})") from None
         address = _dask_address(spec)
         if address:
             return DaskTaskRunner(address=address, client_kwargs={"timeout": "15s"})
@@ -87,11 +87,11 @@ def _make_runner(spec: str, workers: int) -> TaskRunner | None:
         try:
             from prefect_ray import RayTaskRunner
         except ImportError as exc:
-            raise EngineUnavailable(f"task runner '{spec}' needs prefect-ray: pip install 'agentic-pruner[ray]' "
+            raise RunnerUnavailable(f"task runner '{spec}' needs prefect-ray: pip install 'agentic-pruner[ray]' "
                                     f"({exc})") from None
         return RayTaskRunner(address=spec if spec != "ray" else None,
                              init_kwargs={"runtime_env": {"env_vars": {"RAY_DEDUP_LOGS": "0", **_api_env()}}})
-    raise EngineUnavailable(f"unknown task runner '{spec}'")
+    raise RunnerUnavailable(f"unknown task runner '{spec}'")
 
 
 def check_reachable(spec: str, timeout: float = 5.0) -> None:
@@ -103,11 +103,11 @@ def check_reachable(spec: str, timeout: float = 5.0) -> None:
     hostport = spec.split("://", 1)[1]
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise EngineUnavailable(f"task runner '{spec}' needs HOST:PORT")
+        raise RunnerUnavailable(f"task runner '{spec}' needs HOST:PORT")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as exc:
-        raise EngineUnavailable(f"cannot reach the cluster of task runner '{spec}': {exc}") from None
+        raise RunnerUnavailable(f"cannot reach the cluster of task runner '{spec}': {exc}") from None
 
 
 @contextlib.contextmanager
@@ -129,9 +129,9 @@ def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]
                 wanted = getattr(runner, "address", None)
                 got = getattr(getattr(client, "scheduler", None), "address", None)
                 if spec.startswith(("dask://", "tcp://")) and wanted and got and got != wanted:
-                    raise EngineUnavailable(f"this process already has a Dask client for {got}; refusing to send "
+                    raise RunnerUnavailable(f"this process already has a Dask client for {got}; refusing to send "
                                             f"candidates there instead of {wanted}")
-    except EngineUnavailable:
+    except RunnerUnavailable:
         with contextlib.suppress(Exception):
             runner.__exit__(None, None, None)
         raise
@@ -139,7 +139,7 @@ def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]
         with contextlib.suppress(Exception):
             runner.__exit__(None, None, None)
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise EngineUnavailable(f"cannot start task runner '{spec}': {first[:300]}") from None
+        raise RunnerUnavailable(f"cannot start task runner '{spec}': {first[:300]}") from None
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
@@ -176,7 +176,7 @@ def finetune_on_deployment(deployment: str, config, run_id: str, items: list, po
         try:
             return run_deployment(name=deployment, parameters=params, timeout=0, as_subflow=True)
         except ObjectNotFound:
-            raise EngineUnavailable(f"deployment '{deployment}' not found on the Prefect API: deploy the "
+            raise RunnerUnavailable(f"deployment '{deployment}' not found on the Prefect API: deploy the "
                                     "finetune-candidate flow first (see deployments/README.md)") from None
 
     runs = {i: start(m) for i, m in enumerate(items)}

@@ -21,7 +21,7 @@ from torch import nn
 
 from agents.history import RevisionRecord
 from agents.profiling import ProfileSummary, build_profile
-from agents.safety import SafetyValidator, solved_kind_ratios
+from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured
 from pruning.artifacts import ArtifactStore, open_store, runs
 from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
@@ -29,9 +29,10 @@ from pruning.errors import UserError
 from pruning.models import ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.profile import profile_model
-from pruning.solver import InfeasibleTarget, MacBand, solve
-from pruning.space import PruningError, PruningSpace, count_macs_params
+from pruning.solver import InfeasibleTarget, MacBand
+from pruning.space import PruningSpace, count_macs_params
 from pruning.train import (
+    DIGITS_RECOVERY_LR,
     ExtendedConfig,
     FinetuneConfig,
     calibrate_copy,
@@ -43,9 +44,9 @@ from pruning.train import (
 )
 from pruning.train.data import DataBundle, DataConfig, build_data, check_num_classes
 from tasks.config import DEFAULT_MODEL, RunConfig
+from tasks.prune_step import prune_candidate
 
 log = logging.getLogger(__name__)
-DIGITS_LR = 0.02  # measured: recovers a 50 %-MAC pruned default model within 2 points in 2-3 epochs
 
 
 class RunInfo(BaseModel):
@@ -123,7 +124,7 @@ class RunContext:
                        undershoot_pct=self.config.undershoot_pct)
 
     def inline_lr(self) -> float | None:
-        return self.config.inline_lr or (DIGITS_LR if self.is_default_model else None)
+        return self.config.inline_lr or (DIGITS_RECOVERY_LR if self.is_default_model else None)
 
 
 _CONTEXTS: dict[str, RunContext] = {}
@@ -278,45 +279,26 @@ def _evaluated_key(ctx: RunContext, revision: int, candidate: int) -> str:
 
 def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None,
            candidate: int) -> Measured:
-    timings: dict[str, float] = {}
+    """One prune of the original weights (through the one prune path); in-band results are stored."""
     t = time.perf_counter()
-    band = ctx.band()
-    example = ctx.example()
-    try:
-        model = _calibrated_copy(ctx, plan)
-        timings["calibrate"] = time.perf_counter() - t
-        t = time.perf_counter()
-        space = PruningSpace(model, example, plan, seed=ctx.config.seed)
-        solution = solve(space, plan, band)
-        notes: list[str] = []
-        if validator is not None:
-            plan, solution, notes = validator.repair_solution(space, plan, band, solution, solve)
-        timings["solve"] = time.perf_counter() - t
-    except (InfeasibleTarget, PruningError) as exc:
-        return Measured(plan=plan, status="infeasible" if isinstance(exc, InfeasibleTarget) else "error",
-                        error=str(exc), timings=timings)
-    kind_ratios = solved_kind_ratios(space, solution)
+    model = _calibrated_copy(ctx, plan)
+    calibrate_s = time.perf_counter() - t
+    measured, pruned, space = prune_candidate(model, ctx.example(), plan, ctx.band(), seed=ctx.config.seed,
+                                              validator=validator, in_place=True)
+    measured.timings = {"calibrate": calibrate_s, **measured.timings}
+    if pruned is None or not measured.in_band:
+        return measured
     t = time.perf_counter()
-    pruned = space.apply(solution.cuts())
-    macs, params = count_macs_params(pruned, example)
-    timings["apply_count"] = time.perf_counter() - t
-    in_band = band.contains(macs)
-    measured = Measured(plan=solution.plan, solver_ratio=solution.ratio, predicted_macs=solution.predicted_macs,
-                        allocation_digest=solution.digest(),
-                        achieved_macs=macs, params=params, error_pct=band.error_pct(macs), in_band=in_band,
-                        kind_ratios=kind_ratios, notes=notes, timings=timings)
-    if in_band:
-        t = time.perf_counter()
-        measured.accuracy_before = evaluate(pruned, ctx.data().val, progress_bar=False).top1
-        spec = ModelSpec(**ctx.baseline().model_spec)
-        bundle = make_bundle(pruned, spec, solution.plan, space.pruning_history(), ctx.baseline().input_size,
-                             metrics={"achieved_macs": macs, "params": params, "revision": revision,
-                                      "candidate": candidate},
-                             attention_heads=space.attention_heads())
-        key = ctx.key(runs.slot_name(revision, candidate, ".pruned.pt"))
-        sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
-        measured.checkpoint_key, measured.checkpoint_sha256 = key, sha
-        timings["zero_shot_eval_save"] = time.perf_counter() - t
+    measured.accuracy_before = evaluate(pruned, ctx.data().val, progress_bar=False).top1
+    spec = ModelSpec(**ctx.baseline().model_spec)
+    bundle = make_bundle(pruned, spec, measured.plan, space.pruning_history(), ctx.baseline().input_size,
+                         metrics={"achieved_macs": measured.achieved_macs, "params": measured.params,
+                                  "revision": revision, "candidate": candidate},
+                         attention_heads=space.attention_heads())
+    key = ctx.key(runs.slot_name(revision, candidate, ".pruned.pt"))
+    sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
+    measured.checkpoint_key, measured.checkpoint_sha256 = key, sha
+    measured.timings["zero_shot_eval_save"] = time.perf_counter() - t
     return measured
 
 
@@ -426,7 +408,7 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.extended_epochs > 0:
         ext = ExtendedConfig(epochs=cfg.extended_epochs, seed=cfg.seed,
-                             lr=cfg.extended_lr or (DIGITS_LR if ctx.is_default_model else None),
+                             lr=cfg.extended_lr or (DIGITS_RECOVERY_LR if ctx.is_default_model else None),
                              max_train_batches=cfg.max_train_batches, progress_bar=False,
                              mac_reduction=1 - (best.achieved_macs or 0) / ctx.baseline().base_macs)
         result = extended_finetune(model, ctx.original(), data, ext,

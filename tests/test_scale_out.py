@@ -26,7 +26,6 @@ QUICK = ["--model", "resnet18", "--num-classes", "10", "--target-macs", "45%", "
          "--extra-revisions", "3", "--inline-epochs", "1", "--extended-epochs", "0", "--max-train-batches", "3",
          "--calibration-batches", "1", "--no-latency", "--candidates-per-revision", str(K)]
 SAME = ["--max-train-batches", "10"]  # local, work pool and Ray run the very same search
-HISTORIES: dict[str, list[dict]] = {}
 
 
 # -- process helpers ---------------------------------------------------------------------------------
@@ -127,13 +126,26 @@ def _prefect(env):
 
 
 # -- the tests -----------------------------------------------------------------------------------------
-def test_local_runner_k_candidates(env):
+@pytest.fixture(scope="module")
+def local_history(env) -> list[dict]:
+    """The reference search: the local runner (flow threads), run once per module."""
     base, tmp = env
     store = "s3://scale/local"
     done = _run_cli(["--store", store, *SAME], base, tmp / "local.log")
     assert done.returncode == 0, (tmp / "local.log").read_text()[-3000:]
-    history = HISTORIES["local"] = _check_history(store, base)
-    assert len({w.split(" (")[0] for w in _workers(history)}) == 1  # threads of the flow process
+    return _check_history(store, base)
+
+
+def _assert_same_search(history: list[dict], reference: list[dict]) -> None:
+    """Same config on another engine: the same records (slots, plans, MACs) and accuracies up to float noise."""
+    keys = ("revision", "candidate", "move", "plan", "status", "achieved_macs", "allocation_digest", "in_band")
+    assert [{k: r[k] for k in keys} for r in history] == [{k: r[k] for k in keys} for r in reference]
+    for a, b in zip(history, reference):
+        assert a["accuracy_after"] == pytest.approx(b["accuracy_after"], abs=0.02), a["revision"]
+
+
+def test_local_runner_k_candidates(local_history):
+    assert len({w.split(" (")[0] for w in _workers(local_history)}) == 1  # threads of the flow process
 
 
 def test_dask_cluster_survives_a_killed_worker(env):
@@ -190,7 +202,7 @@ def test_dask_cluster_survives_a_killed_worker(env):
         _stop(scheduler)
 
 
-def test_process_work_pool_with_two_workers(env):
+def test_process_work_pool_with_two_workers(env, local_history):
     base, tmp = env
     prefect = str(BIN / "prefect")
     subprocess.run([prefect, "work-pool", "create", "candidate-pool", "--type", "process"], env=base, cwd=ROOT,
@@ -232,7 +244,8 @@ def test_process_work_pool_with_two_workers(env):
         for w in workers:
             _stop(w)
     assert "crashed" in log.read_text() and client.read_flow_run(killed).state.is_crashed()
-    history = HISTORIES["pool"] = _check_history(store, base)
+    history = _check_history(store, base)
+    _assert_same_search(history, local_history)
     notes = [n for r in history for n in r["proposal_notes"]]
     assert sum("deployment run" in n for n in notes) == len(history)
     # the candidates ran in flow-run subprocesses of both workers (parent pid = the worker)
@@ -243,7 +256,7 @@ def test_process_work_pool_with_two_workers(env):
     assert sum(f.state.is_completed() for f in runs_) == len(history)
 
 
-def test_ray_local_cluster(env):
+def test_ray_local_cluster(env, local_history):
     pytest.importorskip("prefect_ray")
     base, tmp = env
     store = "s3://scale/ray"
@@ -252,7 +265,8 @@ def test_ray_local_cluster(env):
     done = _run_cli(["--store", store, "--task-runner", "ray", *SAME], {**base, "RAY_AUTH_MODE": "disabled"},
                     tmp / "ray.log")
     assert done.returncode == 0, (tmp / "ray.log").read_text()[-3000:]
-    history = HISTORIES["ray"] = _check_history(store, base)
+    history = _check_history(store, base)
+    _assert_same_search(history, local_history)
     assert len(_workers(history)) == 2  # the candidates of a revision ran in two Ray worker processes
     # the Ray workers reported to the same Prefect API as the flow
     names = sorted(t.name for t in client.read_task_runs() if t.id not in before and t.name.startswith("finetune-")
@@ -306,15 +320,3 @@ def test_unreachable_dask_scheduler_is_one_line_error(env):
     assert RunConfig(task_runner="dask://h:1").task_runner == "dask://h:1"
     with pytest.raises(ValueError, match="unknown task runner"):
         RunConfig(task_runner="spark://h")
-
-
-def test_engines_ran_the_same_search():
-    """Same config on every engine: the same records (slots, plans, MACs) and accuracies up to float noise."""
-    if len(HISTORIES) < 2:
-        pytest.skip(f"needs two engine runs, have {sorted(HISTORIES)}")
-    keys = ("revision", "candidate", "move", "plan", "status", "achieved_macs", "allocation_digest", "in_band")
-    ref_name, ref = next(iter(HISTORIES.items()))
-    for name, hist in HISTORIES.items():
-        assert [{k: r[k] for k in keys} for r in hist] == [{k: r[k] for k in keys} for r in ref], (name, ref_name)
-        for a, b in zip(hist, ref):
-            assert a["accuracy_after"] == pytest.approx(b["accuracy_after"], abs=0.02), (name, a["revision"])

@@ -1,0 +1,56 @@
+"""The prune step of one candidate, shared by the store-backed steps (``tasks.steps``) and the
+in-memory steps (``tasks.memory_steps``): one call of :func:`pruning.engine.prune_to_target`, with the
+safety validator's post-solve repair, and every way it can fail turned into a recorded status."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from agents.safety import SafetyValidator, UnsafePlanError
+from agents.search import Measured
+from pruning.engine import prune_to_target
+from pruning.plan import PruningPlan
+from pruning.solver import InfeasibleTarget, MacBand, solve
+from pruning.space import PruningError, PruningSpace
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+
+
+def prune_candidate(model: nn.Module, example: torch.Tensor, plan: PruningPlan, band: MacBand, *, seed: int = 0,
+                    validator: SafetyValidator | None = None, in_place: bool = False,
+                    ) -> tuple[Measured, nn.Module | None, PruningSpace | None]:
+    """Prune ``model`` with ``plan`` scaled onto ``band``; returns ``(measured, pruned, space)``.
+
+    ``in_place=True`` analyses and cuts ``model`` itself (the caller passes a fresh copy, e.g. with
+    Taylor calibration gradients); otherwise a copy is analysed and ``model`` is left untouched. An
+    infeasible target, an allocation the validator cannot make safe, or a plan the engine rejects
+    becomes ``Measured.status`` ``infeasible`` / ``rejected`` / ``error`` with the reason, and
+    ``pruned`` is None.
+    """
+    repair = None
+    if validator is not None:
+        def repair(space, p, b, solution):
+            return validator.repair_solution(space, p, b, solution, solve)
+    t = time.perf_counter()
+    try:
+        space = PruningSpace(model, example, plan, seed=seed) if in_place else None
+        pruned, res, space = prune_to_target(model, example, plan, band, seed=seed, space=space, repair=repair)
+    except InfeasibleTarget as exc:
+        return Measured(plan=plan, status="infeasible", error=_one_line(exc),
+                        timings={"solve": time.perf_counter() - t}), None, None
+    except UnsafePlanError as exc:
+        return Measured(plan=plan, status="rejected", error=_one_line(exc),
+                        timings={"solve": time.perf_counter() - t}), None, None
+    except PruningError as exc:
+        return Measured(plan=plan, status="error", error=_one_line(exc),
+                        timings={"solve": time.perf_counter() - t}), None, None
+    timings = {k: v for k, v in res.seconds.items() if k != "total"}
+    measured = Measured(plan=res.plan, solver_ratio=res.ratio, predicted_macs=float(res.predicted_macs),
+                        achieved_macs=float(res.achieved_macs), allocation_digest=res.allocation_digest,
+                        params=int(res.params), error_pct=res.error_pct, in_band=res.in_band,
+                        kind_ratios=res.kind_ratios, notes=list(res.notes), timings=timings)
+    return measured, pruned, space
