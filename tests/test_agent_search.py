@@ -14,7 +14,7 @@ from agents.search import Evaluated, SearchContext, run_search
 from agents.strategists import HeuristicStrategist
 from pruning.solver import MacBand
 from pruning.space import count_macs_params, example_input
-from tasks.memory_steps import engine_callbacks, logit_similarity_evaluator
+from tasks.memory_steps import logit_similarity_evaluator, search_steps
 
 COMPARED = ("revision", "strategist_used", "move", "parent_revision", "verdict", "verdict_reasons", "plan", "status",
             "solver_ratio", "achieved_macs", "params", "error_pct", "in_band", "accuracy_before", "collapsed")
@@ -28,7 +28,7 @@ def setup():
     base, _ = count_macs_params(model, ex)
     band = MacBand(target_macs=base * 0.6, overshoot_pct=5, undershoot_pct=15)
     inputs = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    bridge = engine_callbacks(model, ex, band, logit_similarity_evaluator(model, inputs))
+    bridge = search_steps(model, ex, band, logit_similarity_evaluator(model, inputs))
     profile = bridge.profile(model_name="resnet18", dataset="cifar10", num_classes=10)
     ctx = SearchContext(band=band, profile=profile, baseline_accuracy=bridge.baseline_accuracy(), seed=0)
     return model, ex, band, bridge, ctx
@@ -135,7 +135,7 @@ def test_resume_rejects_gaps(setup, full_run):
 def test_infeasible_target_is_recorded_not_crashing(setup):
     model, ex, band, bridge, ctx = setup
     tiny = MacBand(target_macs=ctx.profile.base_macs * 0.01, overshoot_pct=1, undershoot_pct=5)
-    b2 = engine_callbacks(model, ex, tiny)
+    b2 = search_steps(model, ex, tiny)
     ctx2 = ctx.model_copy(update={"band": tiny, "baseline_accuracy": None})
     res = run_search(ctx2, HeuristicStrategist(), SafetyValidator(), MasterAgent(max_revisions=3),
                      b2.prune_and_measure)
@@ -157,7 +157,7 @@ def test_taylor_with_calibrated_copy(setup):
     calib = copy.deepcopy(model)
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     torch.nn.functional.cross_entropy(calib(x), torch.arange(8) % 10).backward()
-    b = engine_callbacks(model, ex, band, calibrated_model=calib)
+    b = search_steps(model, ex, band, calibrated_model=calib)
     prof = b.profile()
     assert prof.taylor_available
     ctx2 = ctx.model_copy(update={"profile": prof, "baseline_accuracy": None,

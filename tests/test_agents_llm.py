@@ -17,7 +17,7 @@ from agents.search import SearchContext, run_search
 from agents.strategists import LLMConfig, LLMStrategist, LLMUnavailable, create_strategist, list_strategists
 from pruning.solver import MacBand
 from pruning.space import count_macs_params, example_input
-from tasks.memory_steps import engine_callbacks
+from tasks.memory_steps import search_steps
 
 KEY = "sk-test-SECRET-4f9a2c"
 
@@ -32,7 +32,7 @@ def _engine(model_name: str, **kw):
     ex = example_input(32)
     base, _ = count_macs_params(model, ex)
     band = MacBand(target_macs=base * 0.6)
-    bridge = engine_callbacks(model, ex, band)
+    bridge = search_steps(model, ex, band)
     profile = bridge.profile(model_name=model_name, dataset="cifar10", num_classes=10)
     return bridge, SearchContext(band=band, profile=profile)
 
