@@ -103,10 +103,23 @@ def is_vit_name(name: str) -> bool:
     return any(t in name for t in ("vit", "deit", "eva", "beit"))
 
 
+_ATTENTION_CLASS_NAMES = frozenset({"Attention", "WindowAttention", "MultiScaleAttention", "AttentionPool2d"})
+
+
 def model_family(model: nn.Module) -> Family:
-    """'vit' when the model has multi-head attention blocks with a fused qkv projection, else 'cnn'."""
+    """``"vit"`` for transformer-style models, else ``"cnn"``; the one family detector.
+
+    A model is ``"vit"`` when it has a patch embedding (``patch_embed``), a
+    ``nn.MultiheadAttention``, or an attention block with a fused ``qkv`` projection
+    (timm-style ``qkv`` + ``num_heads``, or a known attention class name with ``qkv``).
+    Picks the pruning space rules and the fine-tuning optimizer/LR.
+    """
+    if hasattr(model, "patch_embed"):
+        return "vit"
     for m in model.modules():
-        if hasattr(m, "qkv") and hasattr(m, "num_heads"):
+        if isinstance(m, nn.MultiheadAttention):
+            return "vit"
+        if hasattr(m, "qkv") and (hasattr(m, "num_heads") or type(m).__name__ in _ATTENTION_CLASS_NAMES):
             return "vit"
     return "cnn"
 

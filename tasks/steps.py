@@ -437,7 +437,7 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
 
 def measure_latency(ctx: RunContext, final: FinalModel):
     """ONNX export + onnxruntime CPU (and torch.compile GPU when available) of original vs final model."""
-    from pruning.measure.latency import LatencyConfig, run_latency_benchmark
+    from pruning.measure.latency_table import LatencyConfig, run_latency_benchmark
 
     model, _ = load_bundle(ctx, final.key, final.sha256)
     size = ctx.baseline().input_size

@@ -14,16 +14,14 @@ import torch
 from pruning.measure import export as export_mod
 from pruning.measure.export import ExportError, describe_export_failure, export_onnx, model_size_mb, params_millions
 from pruning.measure.latency import (
-    LatencyConfig,
     LatencyStats,
     Skipped,
     _benchmark_torch,
     benchmark_ort_cpu,
     benchmark_torch_gpu,
     compare_cpu_onnx,
-    latency_report,
-    run_latency_benchmark,
 )
+from pruning.measure.latency_table import LatencyConfig, latency_report, run_latency_benchmark
 
 SIZE = (3, 32, 32)
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
+from pruning.models import model_family
 from pruning.train import (
     ExtendedConfig,
     FileCheckpointer,
@@ -21,7 +22,6 @@ from pruning.train import (
     calibrate_copy,
     calibrated,
     calibration_gradients,
-    detect_family,
     evaluate,
     extended_finetune,
     finetune,
@@ -142,19 +142,42 @@ def test_finetune_config_paper_defaults():
     import timm
 
     cnn = tiny_cnn()
-    assert detect_family(cnn) == "cnn"
+    assert model_family(cnn) == "cnn"
     hp = FinetuneConfig().resolve_hparams(cnn)
     assert hp == {"family": "cnn", "optimizer": "sgd", "lr": 0.01, "weight_decay": 5e-4}
     assert FinetuneConfig(mac_reduction=0.3).resolve_hparams(cnn)["lr"] == 0.0005
     assert FinetuneConfig(mac_reduction=0.3, heavy_threshold=0.5).resolve_hparams(cnn)["lr"] == 0.01
     assert FinetuneConfig(lr=0.05, mac_reduction=0.5).resolve_hparams(cnn)["lr"] == 0.05
     vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32, depth=1)
-    assert detect_family(vit) == "vit"
+    assert model_family(vit) == "vit"
     hp = FinetuneConfig().resolve_hparams(vit)
     assert hp == {"family": "vit", "optimizer": "adamw", "lr": 1e-4, "weight_decay": 0.01}
     assert FinetuneConfig(mac_reduction=0.2).resolve_hparams(vit)["lr"] == 5e-5
     assert FinetuneConfig().epochs == 5 and FinetuneConfig().batch_size == 64
     assert ExtendedConfig().kd_alpha == 0.3 and ExtendedConfig().kd_temperature == 4.0
+
+
+def test_model_family_one_detector():
+    """One detector for pruning and training: timm CNNs are 'cnn'; ViT/DeiT and other attention models 'vit'."""
+    import timm
+
+    assert model_family(timm.create_model("resnet18", num_classes=10, pretrained=False)) == "cnn"
+    for name in ("deit_tiny_patch16_224", "vit_tiny_patch16_224"):
+        vit = timm.create_model(name, num_classes=10, pretrained=False, img_size=32, depth=1)
+        assert model_family(vit) == "vit"
+        assert FinetuneConfig().resolve_hparams(vit)["optimizer"] == "adamw"
+
+    class _Mha(nn.Module):  # torch attention without patch_embed / qkv (former training-only rule)
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    class _PatchOnly(nn.Module):  # patch embedding, no attention yet (former training-only rule)
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch_embed = nn.Conv2d(3, 8, 4, stride=4)
+
+    assert model_family(_Mha()) == "vit" and model_family(_PatchOnly()) == "vit"
 
 
 def _train_loss(model: nn.Module, bundle: DataBundle) -> float:

@@ -24,13 +24,9 @@ from datetime import datetime, timezone
 from pruning.artifacts import ArtifactStore, KeyNotFound
 
 
-def run_prefix(run_id: str) -> str:
-    return run_id
-
-
 def key(run_id: str, name: str) -> str:
     """Store key of ``name`` inside run ``run_id``."""
-    return f"{run_prefix(run_id)}/{name}"
+    return f"{run_id}/{name}"
 
 
 def slot_name(revision: int, candidate: int = 0, ext: str = "") -> str:

@@ -240,6 +240,53 @@ def _parity(
     return worst, scale
 
 
+def _export_first_that_works(model: torch.nn.Module, example: torch.Tensor, path: Path, order: list,
+                             opset: int, dynamic_batch: bool) -> tuple[ExporterName, float, list[ExportAttempt]]:
+    """Try the exporters in ``order``; the first that succeeds wins, every failure is recorded."""
+    attempts: list[ExportAttempt] = []
+    for name in order:
+        t0 = time.perf_counter()
+        try:
+            _export_once(model, example, path, name, opset, dynamic_batch)
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, then fallback
+            attempts.append(ExportAttempt(exporter=name, ok=False, seconds=time.perf_counter() - t0,
+                                          error=describe_export_failure(exc)))
+            continue
+        seconds = time.perf_counter() - t0
+        attempts.append(ExportAttempt(exporter=name, ok=True, seconds=seconds))
+        return name, seconds, attempts
+    reasons = "; ".join(f"{a.exporter}: {a.error}" for a in attempts)
+    raise ExportError(f"ONNX export of {type(model).__name__} failed - {reasons}")
+
+
+def _checked_opset(path: Path, used: str) -> int:
+    """``onnx.checker`` on the file; returns the opset the file declares."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"onnx.checker rejected {path.name} ({used}): {_first_line(str(exc))}") from exc
+    proto = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def _checked_parity(model: torch.nn.Module, path: Path, input_size: tuple[int, int, int], batches: list[int],
+                    device: torch.device, used: str, atol: float, rtol: float) -> float:
+    """onnxruntime vs PyTorch on random batches; returns the max abs difference, raises above tolerance."""
+    try:
+        diff, ref_scale = _parity(model, path, input_size, batches, device)
+    except ExportError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime cannot load/run the graph
+        raise ExportError(f"onnxruntime could not run {path.name} ({used}): {describe_export_failure(exc)}") from exc
+    tol = atol + rtol * ref_scale
+    if not np.isfinite(diff) or diff > tol:
+        raise ExportError(
+            f"ONNX parity failed for {type(model).__name__} ({used}): max_abs_diff={diff:.3g} > tol={tol:.3g}")
+    return diff
+
+
 def export_onnx(
     model: torch.nn.Module,
     input_size: tuple[int, int, int],
@@ -258,8 +305,6 @@ def export_onnx(
     raises :class:`ExportError` when ``max_abs_diff > atol + rtol * max|torch output|``.
     Any failure is re-raised as a one-line :class:`ExportError` naming the op/reason.
     """
-    import onnx
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     input_size = tuple(int(s) for s in input_size)
@@ -273,50 +318,11 @@ def export_onnx(
         device = next(iter(model.parameters()), torch.empty(0)).device
         # Batch > 1 so that the dynamo exporter does not specialise the batch dim to 1.
         example = torch.randn(max(example_batch, 2) if dynamic_batch else example_batch, *input_size, device=device)
-        attempts: list[ExportAttempt] = []
-        used: ExporterName | None = None
-        export_seconds = 0.0
-        for name in order:
-            t0 = time.perf_counter()
-            try:
-                _export_once(model, example, path, name, opset, dynamic_batch)
-            except Exception as exc:  # noqa: BLE001 - any exporter failure is reported, then fallback
-                attempts.append(
-                    ExportAttempt(exporter=name, ok=False, seconds=time.perf_counter() - t0,
-                                  error=describe_export_failure(exc))
-                )
-                continue
-            export_seconds = time.perf_counter() - t0
-            attempts.append(ExportAttempt(exporter=name, ok=True, seconds=export_seconds))
-            used = name
-            break
-        if used is None:
-            reasons = "; ".join(f"{a.exporter}: {a.error}" for a in attempts)
-            raise ExportError(f"ONNX export of {type(model).__name__} failed - {reasons}")
-
+        used, export_seconds, attempts = _export_first_that_works(model, example, path, order, opset, dynamic_batch)
         t0 = time.perf_counter()
-        try:
-            onnx.checker.check_model(str(path))
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"onnx.checker rejected {path.name} ({used}): {_first_line(str(exc))}") from exc
-        proto = onnx.load(str(path), load_external_data=False)
-        file_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), -1)
-        del proto
-
+        file_opset = _checked_opset(path, used)
         batches = [example.shape[0]] + ([3] if dynamic_batch and example.shape[0] != 3 else [])
-        try:
-            diff, ref_scale = _parity(model, path, input_size, batches, device)
-        except ExportError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. onnxruntime cannot load/run the graph
-            raise ExportError(
-                f"onnxruntime could not run {path.name} ({used}): {describe_export_failure(exc)}"
-            ) from exc
-        tol = atol + rtol * ref_scale
-        if not np.isfinite(diff) or diff > tol:
-            raise ExportError(
-                f"ONNX parity failed for {type(model).__name__} ({used}): max_abs_diff={diff:.3g} > tol={tol:.3g}"
-            )
+        diff = _checked_parity(model, path, input_size, batches, device, used, atol, rtol)
         check_seconds = time.perf_counter() - t0
     finally:
         model.train(was_training)

@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning.train._common import _bar
 from pruning.train.data import DataConfig, build_data
-from pruning.train.training import _bar, evaluate
+from pruning.train.evaluate import evaluate
 
 __all__ = [
     "DEFAULT_ARCH",
@@ -103,36 +104,12 @@ def train_default_model(
     torch.manual_seed(seed)
     bundle = build_data(DataConfig(input_size=input_size, seed=seed))
     model = create_default_model(arch, bundle.num_classes)
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    steps_per_epoch = len(bundle.train)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch),
-                                                pct_start=0.25)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    history = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        total, count = 0.0, 0
-        for x, y in _bar(bundle.train, enabled=progress_bar, desc=f"train {arch} {epoch}/{epochs}"):
-            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += float(loss.detach())
-            count += 1
-        val = evaluate(model, bundle.val, progress_bar=False)
-        metrics = {"epoch": epoch, "train_loss": total / max(1, count), "val_acc": val.top1,
-                   "seconds": time.perf_counter() - t0}
-        history.append(metrics)
-        if progress is not None:
-            progress(epoch, epochs, metrics)
-    train_seconds = time.perf_counter() - t0
-    train_cpu_seconds = time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
+    history = _train(model, bundle, arch, epochs, lr, progress, progress_bar)
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     val = evaluate(model, bundle.val, progress_bar=False)
     test = evaluate(model, bundle.test, progress_bar=False)
-
     info = {
         "key": key,
         "arch": arch,
@@ -158,7 +135,39 @@ def train_default_model(
         "timm_version": __import__("timm").__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    # atomic writes: concurrent demo runs never see half a file
+    _write_atomically(model, info, pt_path, json_path)
+    return pt_path
+
+
+def _train(model: nn.Module, bundle, arch: str, epochs: int, lr: float, progress, progress_bar) -> list[dict]:
+    """The recipe: SGD nesterov + one-cycle LR, label smoothing 0.05; returns the per-epoch metrics."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(bundle.train)),
+                                                pct_start=0.25)
+    t0 = time.perf_counter()
+    history = []
+    for epoch in range(1, epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for x, y in _bar(bundle.train, enabled=progress_bar, desc=f"train {arch} {epoch}/{epochs}"):
+            loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach())
+            count += 1
+        val = evaluate(model, bundle.val, progress_bar=False)
+        metrics = {"epoch": epoch, "train_loss": total / max(1, count), "val_acc": val.top1,
+                   "seconds": time.perf_counter() - t0}
+        history.append(metrics)
+        if progress is not None:
+            progress(epoch, epochs, metrics)
+    return history
+
+
+def _write_atomically(model: nn.Module, info: dict, pt_path: Path, json_path: Path) -> None:
+    """Weights and metrics via temp files and rename: concurrent demo runs never see half a file."""
     tmp_pt = pt_path.with_suffix(f".pt.{os.getpid()}.tmp")
     buf = io.BytesIO()  # saving via a buffer keeps the archive byte-identical across runs
     torch.save(model.state_dict(), buf)
@@ -167,7 +176,6 @@ def train_default_model(
     tmp_js = json_path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp_js.write_text(json.dumps(info, indent=2))
     tmp_js.replace(json_path)
-    return pt_path
 
 
 def load_default_model(
