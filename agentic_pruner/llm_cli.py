@@ -12,7 +12,7 @@ from agentic_pruner._args import CliError
 
 def _config(args):
     from pruning.llm.wanda import parse_nm
-    from tasks.llm_steps import LLMRunConfig
+    from tasks.config import LLMRunConfig
 
     if args.model_path is not None and not Path(args.model_path).expanduser().is_dir():
         raise CliError(f"model directory not found: {args.model_path}")

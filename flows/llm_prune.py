@@ -21,7 +21,7 @@ from flows._report import LiveTable, artifact_key, failure_recorded
 from pruning.artifacts import runs
 from pruning.measure.report import markdown_table
 from tasks import llm_steps, llm_tasks
-from tasks.llm_steps import LLMRunConfig
+from tasks.config import LLMRunConfig
 
 __all__ = ["LLMRunSummary", "llm_prune"]
 

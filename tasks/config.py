@@ -1,11 +1,18 @@
-"""One pydantic config for a whole pruning run (the Prefect flow's parameters, the CLI's flags)."""
+"""The configs of a run, one pydantic model per flow: :class:`RunConfig` (vision models, MAC budget) and
+:class:`LLMRunConfig` (causal LMs, sparsity target). Each is the flow's parameters and the CLI's flags, and
+derives the run id that makes re-running the same config resume."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agents.llm_pruning import LLMPruneConfig
+from pruning.artifacts import runs
 from pruning.errors import UserError
+from pruning.llm.session import DataConfig
+from pruning.llm.tiny_model import TinyLMConfig
 from pruning.plan import Criterion
 
 DEFAULT_MODEL = "default"
@@ -101,3 +108,63 @@ class RunConfig(BaseModel):
         if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
             out.pop("candidates_per_revision")
         return out
+
+    def resolved_run_id(self) -> str:
+        """``run_id`` if given, else derived from the fields that define the results (same config = same run)."""
+        if self.run_id:
+            return self.run_id
+        return runs.make_run_id({"model": self.model, "target": self.target_macs.replace("%", "pct"),
+                                 "strategist": self.strategist}, self.identity())
+
+
+class LLMRunConfig(BaseModel):
+    """Everything that defines an LLM pruning run (the flow's parameters, the CLI's flags)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str | None = Field(None, description="local HF causal-LM directory; None = embedded tiny Qwen3")
+    tiny: dict = Field(default_factory=dict, description="TinyLMConfig overrides for the embedded model")
+    target_sparsity: float = Field(0.45, gt=0, lt=0.95)
+    rollback_threshold: float = Field(0.10, gt=0)
+    max_iterations: int = Field(80, ge=1)
+    max_layer_sparsity: float = Field(0.9, gt=0, le=0.99)
+    nm: str | None = None
+    strategist: Literal["heuristic", "llm"] = "heuristic"
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_fallback: bool = True
+    seq_len: int | None = Field(None, ge=8, description="window length; None = the tiny model's (128)")
+    calib_sequences: int = Field(32, ge=1)
+    grad_sequences: int = Field(16, ge=1)
+    eval_tokens: int = Field(16384, ge=64)
+    text_file: str | None = Field(None, description="own text (blank-line separated documents)")
+    mcq_file: str | None = Field(None, description="MMLU-style JSONL evaluated before and after pruning")
+    mcq_limit: int | None = Field(None, ge=1)
+    save_dir: str | None = Field(None, description="save_pretrained the pruned model here at the end")
+    store: str = "runs"
+    run_id: str | None = None
+    seed: int = 0
+
+    def prune_config(self) -> LLMPruneConfig:
+        return LLMPruneConfig(target_sparsity=self.target_sparsity, rollback_threshold=self.rollback_threshold,
+                              max_iterations=self.max_iterations, max_layer_sparsity=self.max_layer_sparsity, nm=self.nm)
+
+    def tiny_config(self) -> TinyLMConfig:
+        return TinyLMConfig(**self.tiny)
+
+    def data_config(self) -> DataConfig:
+        seq = self.seq_len or (self.tiny_config().seq_len if self.model_path is None else 128)
+        return DataConfig(seq_len=seq, calib_sequences=self.calib_sequences, grad_sequences=self.grad_sequences,
+                          eval_tokens=self.eval_tokens, seed=self.seed, text_file=self.text_file)
+
+    def identity(self) -> dict:
+        return self.model_dump(exclude={"store", "run_id", "llm_fallback", "max_iterations", "save_dir",
+                                        "mcq_file", "mcq_limit"})
+
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        name = Path(self.model_path).name if self.model_path else "tiny-qwen3"
+        return runs.make_run_id({"kind": "llm", "model": name, "target": f"s{self.target_sparsity:g}",
+                                 "nm": self.nm.replace(":", "of") if self.nm else None,
+                                 "strategist": self.strategist}, self.identity())

@@ -7,7 +7,7 @@ from prefect.cache_policies import NONE
 from agents.llm_pruning import IterationRecord, PruneAgentLoop, PruneProposal
 from pruning.llm.masks import PruneStep
 from tasks import llm_steps
-from tasks.llm_steps import LLMRunConfig
+from tasks.config import LLMRunConfig
 from tasks.retry import IO_RETRY_DELAYS, IO_TASK, retry_on_transient
 
 

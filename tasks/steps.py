@@ -141,18 +141,11 @@ def get_context(config: RunConfig, run_id: str) -> RunContext:
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
-def run_id_for(config: RunConfig) -> str:
-    if config.run_id:
-        return config.run_id
-    return runs.make_run_id({"model": config.model, "target": config.target_macs.replace("%", "pct"),
-                             "strategist": config.strategist}, config.identity())
-
-
 def open_run(config: RunConfig) -> RunInfo:
     """Check the store is reachable and writable, then create the run or find it for resuming."""
     store = open_store(config.store)
     store.check()
-    run_id = run_id_for(config)
+    run_id = config.resolved_run_id()
     cfg_key = runs.key(run_id, "config.json")
     safe = config.model_dump(mode="json")
     if store.exists(cfg_key):

@@ -12,7 +12,7 @@ from agents.llm_pruning import HeuristicPruneStrategist, run_prune_agent
 from pruning.artifacts import open_store, runs
 from pruning.llm.session import PruneSession
 from pruning.llm.tiny_model import train_tiny_model
-from tasks.llm_steps import LLMRunConfig
+from tasks.config import LLMRunConfig
 
 pytestmark = pytest.mark.slow
 
