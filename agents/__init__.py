@@ -12,15 +12,19 @@ _EXPORTS = {
     "CNNStrategy": "schemas", "ViTStrategy": "schemas", "MasterGuidance": "schemas", "DangerZone": "schemas",
     "ProfileSummary": "profiling", "build_profile": "profiling",
     "Strategist": "strategists", "StrategyContext": "strategists", "Proposal": "strategists",
-    "HeuristicStrategist": "strategists", "LLMStrategist": "strategists", "LLMConfig": "strategists",
-    "LLMUnavailable": "strategists", "StrategiesExhausted": "strategists",
+    "HeuristicStrategist": "strategists", "LLMStrategist": "strategists",
+    "StrategiesExhausted": "strategists",
     "register_strategist": "strategists", "create_strategist": "strategists", "list_strategists": "strategists",
-    "SafetyValidator": "safety", "SafetyLimits": "safety", "Verdict": "safety", "fallback_plan": "safety",
+    "LLMClient": "llm_client", "LLMConfig": "llm_client", "LLMUnavailable": "llm_client",
+    "SafetyLimits": "limits",
+    "SafetyValidator": "safety", "Verdict": "safety", "fallback_plan": "safety",
+    "compute_danger_zones": "zones",
     "MasterAgent": "master", "MasterConfig": "master", "select_best": "master",
     "RevisionRecord": "history", "to_jsonl": "history", "from_jsonl": "history", "append_jsonl": "history",
     "history_dataframe": "history",
     "run_search": "search", "SearchContext": "search", "SearchResult": "search", "Measured": "search",
-    "Evaluated": "search",
+    "Evaluated": "search", "Slot": "search", "propose_revision": "search", "prune_candidates": "search",
+    "finetune_candidates": "search", "record_revision": "search", "finish_search": "search",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,13 +15,14 @@ from typing import IO, Iterable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pruning.plan import GROUP_KINDS, PruningPlan
+from pruning.plan import GROUP_KINDS, PruningPlan, default_kind_multiplier
 
 RAW_REPLY_LIMIT = 4000
 #: error prefix of a record whose solved allocation equals an earlier one (recorded, not fine-tuned)
 DUPLICATE_PREFIX = "duplicate:"
 
-Verdict = Literal["accepted", "clamped", "rejected"]
+#: the safety validator's verdict on a plan (:class:`agents.safety.Verdict` carries it with the reasons)
+VerdictStatus = Literal["accepted", "clamped", "rejected"]
 Status = Literal["ok", "infeasible", "error", "rejected"]
 
 
@@ -49,7 +50,7 @@ class RevisionRecord(BaseModel):
     move: str | None = Field(None, description="heuristic move applied to the parent's plan")
     guidance_action: str | None = Field(None, description="Master Agent's recommended action for this revision")
     # -- safety ------------------------------------------------------------------------------
-    verdict: Verdict = "accepted"
+    verdict: VerdictStatus = "accepted"
     verdict_reasons: list[str] = Field(default_factory=list)
     proposed_plan: PruningPlan | None = Field(None, description="the strategist's plan before validation")
     signature: str | None = Field(None, description="plan_signature of the validated plan (duplicate detection)")
@@ -157,10 +158,6 @@ def check_history(records: Sequence[RevisionRecord]) -> list[RevisionRecord]:
 # ------------------------------------------------------------------------------------------------
 # Plan coordinates (shared by the Master's danger zones, the validator and duplicate detection)
 # ------------------------------------------------------------------------------------------------
-def _kind_default(kind: str) -> float:
-    return 0.0 if kind == "head" else 1.0
-
-
 def plan_coords(plan: PruningPlan, stages: Sequence[str], kinds: Sequence[str]) -> dict[str, float]:
     """Multipliers of every stage and kind, each family divided by its maximum (scale-free shape).
 
@@ -168,7 +165,7 @@ def plan_coords(plan: PruningPlan, stages: Sequence[str], kinds: Sequence[str]) 
     same factor yields the same pruned model; normalising makes equal shapes have equal coordinates.
     """
     st = {f"stage:{s}": float(plan.stage_multipliers.get(s, 1.0)) for s in stages}
-    kd = {f"kind:{k}": float(plan.kind_multipliers.get(k, _kind_default(k))) for k in kinds}
+    kd = {f"kind:{k}": float(plan.kind_multipliers.get(k, default_kind_multiplier(k))) for k in kinds}
     out: dict[str, float] = {}
     for fam in (st, kd):
         top = max(fam.values(), default=0.0)

@@ -5,21 +5,14 @@ model), so it is cheap: one MAC prediction per kind and per stage, no weights to
 """
 from __future__ import annotations
 
-import re
-from typing import Sequence
-
 from pydantic import BaseModel, ConfigDict, Field
 
+from agents.limits import SafetyLimits
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
-from pruning.space import Cut, PruningSpace
+from pruning.space import Cut, PruningSpace, natural_key
 
 PROBE_FRACTION = 0.5  # MAC shares are measured by cutting this fraction of a kind's / stage's units
-
-
-def natural_key(name: str) -> list:
-    """Sort key that puts blocks.2 before blocks.10."""
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 class ProfileSummary(BaseModel):
@@ -165,11 +158,5 @@ def build_profile(
         safe_ranges=safe_ranges or {},
     )
     if safe_ranges is None:  # the default validator limits for this dataset
-        from agents.safety import SafetyLimits
-
         summary.safe_ranges = SafetyLimits.for_dataset(dataset).ranges(summary)
     return summary
-
-
-def ordered_stages(stages: Sequence[str]) -> list[str]:
-    return sorted(stages, key=natural_key)

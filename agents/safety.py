@@ -11,70 +11,34 @@ layer cap) and lowers the offending multiplier until the solved allocation is sa
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from agents.history import RevisionRecord, plan_coords
+from agents.history import RevisionRecord, VerdictStatus, plan_coords
+from agents.limits import SafetyLimits
 from agents.profiling import ProfileSummary
 from agents.schemas import CNNStrategy, DangerZone, MasterGuidance, ViTStrategy
-from pruning.plan import PruningPlan
+from agents.zones import compute_danger_zones
+from pruning.engine import solved_kind_ratios
+from pruning.plan import PruningPlan, default_kind_multiplier
 from pruning.solver import MacBand
 
 if TYPE_CHECKING:  # pragma: no cover
     from pruning.solver import Solution  # noqa: F401
     from pruning.space import PruningSpace  # noqa: F401
 
+__all__ = ["SafetyLimits", "Verdict", "UnsafePlanError", "SafetyValidator", "fallback_plan", "target_reduction",
+           "solved_kind_ratios", "CNN_KINDS", "VIT_KINDS"]
+
 CNN_KINDS = ("internal", "residual")
 VIT_KINDS = ("mlp", "qkv", "head", "proj")
-
-
-class SafetyLimits(BaseModel):
-    """Hard limits; ``for_dataset`` gives the paper's dataset-specific variants (A.3.2)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_stage_multiplier: float = Field(2.0, description="no stage is scaled above this")
-    first_stage_max: float = Field(1.0, description="the first stage (right after the stem) is protected")
-    kind_max: dict[str, float] = Field(
-        default_factory=lambda: {"internal": 2.0, "residual": 2.0, "mlp": 1.6, "qkv": 1.2},
-        description="absolute multiplier caps per kind (paper CIFAR caps: MLP 1.6, QKV 1.2)",
-    )
-    qkv_over_mlp_max: float = Field(1.0, description="qkv multiplier <= this x mlp multiplier (MLP is more robust)")
-    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="no group loses more than this fraction")
-    qkv_max_ratio: float = Field(0.85, gt=0, lt=1, description="effective QKV (head_dim) pruning ratio cap")
-    vit_round_to: tuple[int, ...] = Field((8, 16), description="allowed rounding of transformer dims")
-    min_head_dim: int = Field(8, ge=1)
-    danger_tolerance: float = Field(0.05, ge=0)
-
-    @classmethod
-    def for_dataset(cls, dataset: str | None) -> "SafetyLimits":
-        name = (dataset or "").lower()
-        if "imagenet" in name:  # 1000 classes: conservative
-            return cls(kind_max={"internal": 1.5, "residual": 1.5, "mlp": 1.0, "qkv": 0.8}, qkv_over_mlp_max=0.5,
-                       max_layer_ratio=0.8, first_stage_max=0.75)
-        return cls()
-
-    def ranges(self, profile: ProfileSummary) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {"stage multipliers": [0.0, self.max_stage_multiplier]}
-        if profile.first_stage:
-            out[f"stage {profile.first_stage}"] = [0.0, self.first_stage_max]
-        for k in profile.kinds:
-            if k in self.kind_max:
-                out[f"{k} multiplier"] = [0.0, self.kind_max[k]]
-        if profile.family == "vit":
-            out["qkv/mlp multiplier ratio"] = [0.0, self.qkv_over_mlp_max]
-            out["head/proj multiplier"] = [0.0, 0.0]
-            out["round_to"] = [float(min(self.vit_round_to)), float(max(self.vit_round_to))]
-            out["effective qkv ratio"] = [0.0, self.qkv_max_ratio]
-        out["effective group ratio"] = [0.0, self.max_layer_ratio]
-        return out
 
 
 class Verdict(BaseModel):
     """Result of validation: the plan to execute and why it differs from the proposal."""
 
-    status: Literal["accepted", "clamped", "rejected"]
+    status: VerdictStatus
     reasons: list[str] = Field(default_factory=list)
     plan: PruningPlan = Field(description="safe plan to execute (the fallback preset when rejected)")
     fallback_used: bool = False
@@ -284,7 +248,7 @@ class SafetyValidator:
 
     @staticmethod
     def _kinds(plan: PruningPlan, profile: ProfileSummary) -> dict[str, float]:
-        return {k: plan.kind_multipliers.get(k, 0.0 if k == "head" else 1.0) for k in profile.kinds + (
+        return {k: plan.kind_multipliers.get(k, default_kind_multiplier(k)) for k in profile.kinds + (
             ["head", "proj"] if profile.family == "vit" else [])}
 
     @staticmethod
@@ -318,7 +282,7 @@ class SafetyValidator:
         kinds = {}
         for k, m in plan.kind_multipliers.items():
             if k not in allowed:
-                if m != (0.0 if k == "head" else 1.0):
+                if m != default_kind_multiplier(k):
                     reasons.append(f"kind '{k}' does not exist in a {profile.family} model; dropped")
                 continue
             if k in L.kind_max and m > L.kind_max[k]:
@@ -332,8 +296,8 @@ class SafetyValidator:
                                    + ("attention heads are preserved" if k == "head" else
                                       "the embedding width is tied to the never-pruned stem") + ")")
                 kinds[k] = 0.0
-            mlp = kinds.get("mlp", 1.0)
-            qkv = kinds.get("qkv", 1.0)
+            mlp = kinds.get("mlp", default_kind_multiplier("mlp"))
+            qkv = kinds.get("qkv", default_kind_multiplier("qkv"))
             cap = round(L.qkv_over_mlp_max * mlp, 4)
             if qkv > cap + 1e-9:
                 reasons.append(f"qkv multiplier {qkv:g} above {L.qkv_over_mlp_max:g} x mlp multiplier ({mlp:g}): "
@@ -360,8 +324,6 @@ class SafetyValidator:
         return PruningPlan.model_validate(data)
 
     def _zones(self, history: Sequence[RevisionRecord], profile: ProfileSummary) -> list[DangerZone]:
-        from agents.master import compute_danger_zones
-
         return compute_danger_zones(history, profile, self.limits.danger_tolerance)
 
     def _in_zone(self, plan: PruningPlan, zones: Sequence[DangerZone], profile: ProfileSummary) -> DangerZone | None:
@@ -392,7 +354,7 @@ class SafetyValidator:
         """Lower one coordinate (the zone's blame first, then the most aggressive) just below the zone."""
         coords = plan_coords(plan, profile.stages, profile.kinds)
         raw = {f"stage:{s}": plan.stage_multipliers.get(s, 1.0) for s in profile.stages}
-        raw.update({f"kind:{k}": plan.kind_multipliers.get(k, 0.0 if k == "head" else 1.0) for k in profile.kinds})
+        raw.update({f"kind:{k}": plan.kind_multipliers.get(k, default_kind_multiplier(k)) for k in profile.kinds})
         keys = sorted((k for k in coords if coords[k] > 0), key=lambda k: (k != zone.blame, -coords[k], k))
         for key in keys:
             fam, name = key.split(":", 1)
@@ -434,16 +396,4 @@ class SafetyValidator:
             raise UnsafePlanError("fallback preset violates limits: " + "; ".join(bad))
         return Verdict(status="rejected", reasons=reasons + ["using the safe fallback preset (A.3.4)"], plan=preset,
                        fallback_used=True, original_plan=original)
-
-
-def solved_kind_ratios(space: "PruningSpace", solution: "Solution") -> dict[str, float]:
-    """Largest pruned fraction per group kind of a solved allocation (head dims for attention groups)."""
-    out: dict[str, float] = {}
-    for g in space.groups:
-        dims, heads = solution.allocation.get(g.index, (0, 0))
-        r = dims / g.channels if g.channels else 0.0
-        if heads:
-            r = max(r, heads / max(1, g.ch_groups))
-        out[g.kind] = round(max(out.get(g.kind, 0.0), r), 4)
-    return out
 

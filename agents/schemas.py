@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pruning.plan import PruningPlan
+from pruning.plan import PruningPlan, default_kind_multiplier
 
 StrategyCriterion = Literal["taylor", "l1norm", "l2norm", "random"]
 
@@ -200,8 +200,10 @@ def strategy_from_plan(plan: PruningPlan, family: str, rationale: str = "") -> S
         return ViTStrategy(
             **common, channel_pruning_ratio=plan.channel_ratio,
             isomorphic_group_ratios=IsomorphicGroupRatios(
-                mlp_multiplier=km.get("mlp", 1.0), qkv_multiplier=km.get("qkv", 1.0),
-                proj_multiplier=km.get("proj", 0.0), head_multiplier=km.get("head", 0.0),
+                mlp_multiplier=km.get("mlp", default_kind_multiplier("mlp")),
+                qkv_multiplier=km.get("qkv", default_kind_multiplier("qkv")),
+                proj_multiplier=km.get("proj", 0.0),  # a ViT strategy keeps the embedding width unless told
+                head_multiplier=km.get("head", default_kind_multiplier("head")),
             ),
         )
     kinds = {k: v for k, v in km.items() if k in ("internal", "residual")}
@@ -324,8 +326,3 @@ def format_validation_error(exc: ValidationError, limit: int = 8) -> str:
     if more > 0:
         parts.append(f"... and {more} more")
     return "; ".join(parts)
-
-
-def parse_strategy(text: str, family: str) -> Strategy:
-    """Extract and validate a strategy from an LLM reply; raises ValueError / ValidationError."""
-    return strategy_model(family).model_validate(extract_json(text))

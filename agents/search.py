@@ -11,6 +11,16 @@ wrap each as a task and persist every record (``on_record``)::
 Resuming: pass the persisted records as ``resume_history``; the loop continues at the next revision
 and never redoes a finished one. Given the same history, seed and a deterministic strategist, the
 continuation is identical to an uninterrupted run.
+
+One revision, step by step (what ``run_search`` does, for an orchestrator that drives the loop itself)::
+
+    step = propose_revision(r, history, context, strategist, validator, master)   # Master + Analysis + Safety
+    if step.stop_reason: ...                                                         # the search ends here
+    to_finetune = prune_candidates(step, history, context, validator, prune_and_measure)
+    evaluated, seconds = finetune_candidates(to_finetune, finetune_batch)
+    records = record_revision(step, evaluated, seconds, master, context)            # append, persist
+    ...
+    result = finish_search(history, master, context, resumed=..., guidance=..., stop_reason=...)
 """
 from __future__ import annotations
 
@@ -23,11 +33,15 @@ from pydantic import BaseModel, ConfigDict, Field
 from agents.history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
 from agents.master import MasterAgent
 from agents.profiling import ProfileSummary
-from agents.safety import SafetyValidator
+from agents.safety import SafetyValidator, Verdict
 from agents.schemas import MasterGuidance
-from agents.strategists import HeuristicStrategist, StrategiesExhausted, Strategist, StrategyContext
+from agents.strategists import HeuristicStrategist, Proposal, StrategiesExhausted, Strategist, StrategyContext
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
+
+__all__ = ["Measured", "Evaluated", "Slot", "SearchContext", "SearchResult", "Candidate", "RevisionStep",
+           "run_search", "next_revision", "fallback_heuristic", "propose_revision", "prune_candidates",
+           "finetune_candidates", "record_revision", "finish_search"]
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +123,7 @@ class SearchResult(BaseModel):
         return history_dataframe(self.history)
 
 
+
 def run_search(
     context: SearchContext,
     strategist: Strategist,
@@ -128,106 +143,185 @@ def run_search(
     Master sees all K records before the next revision. A revision interrupted after some of its
     candidates were recorded is completed on resume without redoing those.
     """
-    profile, band = context.profile, context.band
-    k_max = context.candidates_per_revision
     history = check_history(list(resume_history))
     resumed = len(history)
     if context.check_strategist:
         strategist.check()
-    requested = strategist.name
-    heuristic = strategist if isinstance(strategist, HeuristicStrategist) else HeuristicStrategist(limits=validator.limits)
+    heuristic = fallback_heuristic(strategist, validator)
     if finetune_batch is None and finetune_and_evaluate is not None:
         def finetune_batch(items: list[Measured]) -> list[Evaluated]:
             return [finetune_and_evaluate(m) for m in items]
-    stop_reason = f"maximum revisions reached ({master.config.max_revisions})"
     guidance: MasterGuidance | None = None
-    r = _next_revision(history, k_max)
-    stopped = False
-
+    stop_reason: str | None = None
+    r = next_revision(history, context.candidates_per_revision)
     while r < master.config.max_revisions:
-        prior = [h for h in history if h.revision < r]
-        done = {h.candidate: h for h in history if h.revision == r}
-        t = time.perf_counter()
-        guidance = master.analyze(prior, band, profile, context.baseline_accuracy)
-        master_seconds = time.perf_counter() - t
-        if not guidance.continue_search:
-            stop_reason, stopped = guidance.stop_reason or "master stopped the search", True
+        step = propose_revision(r, history, context, strategist, validator, master, heuristic=heuristic)
+        guidance = step.guidance
+        if step.stop_reason is not None:
+            stop_reason = step.stop_reason
             break
-        seen = _seen(prior, profile)
-        for h in done.values():
-            seen.setdefault(h.signature or plan_signature(h.plan, profile.stages, profile.kinds), r)
-        pending = [h.proposed_plan or h.plan for _, h in sorted(done.items())]
-        batch: list[_Candidate] = []
-        exhausted: str | None = None
-        for c in range(k_max):
-            if c in done:
-                continue
-            ctx = StrategyContext(revision=r, profile=profile, band=band, history=list(prior), guidance=guidance,
-                                  base_plan=context.base_plan, baseline_accuracy=context.baseline_accuracy,
-                                  seed=context.seed, candidate=c, pending=list(pending))
-            cand, exhausted = _propose_candidate(ctx, strategist, heuristic, validator, context, seen, requested)
-            if cand is None:
-                break
-            cand.candidate = c
-            cand.timings["master"] = master_seconds
-            seen[cand.signature] = r
-            pending.append(cand.proposal.plan)
-            batch.append(cand)
-        if not batch:
-            if done:  # an interrupted revision whose remaining candidates cannot be proposed any more
-                r += 1
-                continue
-            stop_reason, stopped = exhausted or "no new plan", True
-            break
-
-        # -- Prune the original model, re-count MACs (cheap: one solve + one prune per candidate) ------
-        to_finetune: list[Measured] = []
-        solved = {h.allocation_digest: (h.revision, h.candidate) for h in history
-                  if h.allocation_digest and h.status == "ok"}
-        for cand in batch:
-            t = time.perf_counter()
-            measured = prune_and_measure(cand.verdict.plan, Slot(revision=r, candidate=cand.candidate))
-            cand.timings["prune"] = time.perf_counter() - t
-            measured.revision, measured.candidate = r, cand.candidate
-            cand.measured = measured
-            post = validator.check_kind_ratios(measured.kind_ratios, profile.family) if measured.status == "ok" else []
-            cand.post = post
-            twin = solved.get(measured.allocation_digest) if measured.status == "ok" else None
-            if twin is not None:  # another shape that solved to the very same channel counts: nothing new to learn
-                measured.status = "rejected"
-                measured.error = (f"{DUPLICATE_PREFIX} the solved allocation equals revision {twin[0]} candidate "
-                                  f"{twin[1]}; not fine-tuned again")
-                continue
-            if measured.status == "ok" and measured.allocation_digest:
-                solved[measured.allocation_digest] = (r, cand.candidate)
-            if finetune_batch is not None and measured.status == "ok" and measured.in_band and not post:
-                to_finetune.append(measured)
-        # -- Inline fine-tuning of the in-band candidates (in parallel when the orchestrator can) --------
-        evaluated: dict[int, Evaluated] = {}
-        batch_seconds = 0.0
-        if to_finetune:
-            t = time.perf_counter()
-            results = finetune_batch(to_finetune)
-            batch_seconds = time.perf_counter() - t
-            if len(results) != len(to_finetune):
-                raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(to_finetune)} candidates")
-            evaluated = {m.candidate: e for m, e in zip(to_finetune, results)}
-        for cand in batch:
-            record = _record(cand, evaluated.get(cand.candidate), batch_seconds, r, requested, guidance, master,
-                             context)
-            history.append(record)
-            log.info("revision %d.%d: %s %s MACs err %s%% acc %s", r, cand.candidate, record.status,
-                     record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 2),
-                     record.accuracy)
-            if on_record is not None:
-                on_record(record)
+        if step.candidates:  # none: an interrupted revision whose remaining candidates cannot be proposed any more
+            to_finetune = prune_candidates(step, history, context, validator, prune_and_measure,
+                                           finetune=finetune_batch is not None)
+            evaluated, batch_seconds = finetune_candidates(to_finetune, finetune_batch)
+            for record in record_revision(step, evaluated, batch_seconds, master, context):
+                history.append(record)
+                log.info("revision %d.%d: %s %s MACs err %s%% acc %s", r, record.candidate, record.status,
+                         record.achieved_macs, None if record.error_pct is None else round(record.error_pct, 2),
+                         record.accuracy)
+                if on_record is not None:
+                    on_record(record)
         r += 1
-    if not stopped and history:
-        guidance = master.analyze(history, band, profile, context.baseline_accuracy)
-        if not guidance.continue_search and guidance.stop_reason:
-            stop_reason = guidance.stop_reason
+    return finish_search(history, master, context, resumed=resumed, guidance=guidance, stop_reason=stop_reason)
 
-    history.sort(key=lambda h: (h.revision, h.candidate))
+
+class Candidate:
+    """One proposal of a revision on its way to a record: proposal, verdict, signature, then measurement."""
+
+    def __init__(self, proposal: Proposal, verdict: Verdict, signature: str):
+        self.proposal, self.verdict, self.signature = proposal, verdict, signature
+        self.candidate = 0
+        self.timings: dict[str, float] = {}
+        self.measured: Measured | None = None
+        self.post: list[str] = []
+
+
+class RevisionStep:
+    """One revision r on its way to records: the Master's guidance and the validated candidates.
+
+    ``recorded`` holds the candidates recorded before an interruption (resume); ``stop_reason`` is set
+    when the search ends at this revision (the Master stopped it, or no new plan is left).
+    """
+
+    def __init__(self, revision: int, guidance: MasterGuidance, requested: str,
+                 recorded: dict[int, RevisionRecord] | None = None):
+        self.revision, self.guidance, self.requested = revision, guidance, requested
+        self.recorded: dict[int, RevisionRecord] = recorded or {}
+        self.candidates: list[Candidate] = []
+        self.stop_reason: str | None = None
+
+
+def next_revision(history: Sequence[RevisionRecord], k_max: int) -> int:
+    """Where a (resumed) search continues: the last revision again when it has fewer than K records."""
+    if not history:
+        return 0
+    last = max(h.revision for h in history)
+    n_last = sum(1 for h in history if h.revision == last)
+    return last if n_last < k_max else last + 1
+
+
+def fallback_heuristic(strategist: Strategist, validator: SafetyValidator) -> HeuristicStrategist:
+    """The strategist that answers when ``strategist`` fails or repeats a plan (itself when it is heuristic)."""
+    if isinstance(strategist, HeuristicStrategist):
+        return strategist
+    return HeuristicStrategist(limits=validator.limits)
+
+
+def propose_revision(revision: int, history: Sequence[RevisionRecord], context: SearchContext,
+                     strategist: Strategist, validator: SafetyValidator, master: MasterAgent, *,
+                     heuristic: HeuristicStrategist | None = None) -> RevisionStep:
+    """Master Agent + Analysis Agent + Safety validator for revision ``revision``: the K candidates still
+    missing from ``history`` (validated, new plans), or a ``stop_reason``."""
+    profile, r = context.profile, revision
+    prior = [h for h in history if h.revision < r]
+    done = {h.candidate: h for h in history if h.revision == r}
+    t = time.perf_counter()
+    guidance = master.analyze(prior, context.band, profile, context.baseline_accuracy)
+    master_seconds = time.perf_counter() - t
+    step = RevisionStep(r, guidance, strategist.name, done)
+    if not guidance.continue_search:
+        step.stop_reason = guidance.stop_reason or "master stopped the search"
+        return step
+    heuristic = heuristic or fallback_heuristic(strategist, validator)
+    seen = _seen(prior, profile)
+    for h in done.values():
+        seen.setdefault(h.signature or plan_signature(h.plan, profile.stages, profile.kinds), r)
+    pending = [h.proposed_plan or h.plan for _, h in sorted(done.items())]
+    exhausted: str | None = None
+    for c in range(context.candidates_per_revision):
+        if c in done:
+            continue
+        ctx = StrategyContext(revision=r, profile=profile, band=context.band, history=list(prior), guidance=guidance,
+                              base_plan=context.base_plan, baseline_accuracy=context.baseline_accuracy,
+                              seed=context.seed, candidate=c, pending=list(pending))
+        cand, exhausted = _propose_candidate(ctx, strategist, heuristic, validator, context, seen, step.requested)
+        if cand is None:
+            break
+        cand.candidate = c
+        cand.timings["master"] = master_seconds
+        seen[cand.signature] = r
+        pending.append(cand.proposal.plan)
+        step.candidates.append(cand)
+    if not step.candidates and not done:
+        step.stop_reason = exhausted or "no new plan"
+    return step
+
+
+def prune_candidates(step: RevisionStep, history: Sequence[RevisionRecord], context: SearchContext,
+                     validator: SafetyValidator, prune_and_measure: PruneAndMeasure, *,
+                     finetune: bool = True) -> list[Measured]:
+    """Prune the original model for each candidate (cheap: one solve + one prune), re-count MACs, check the
+    solved ratios; a candidate whose solved allocation equals an earlier one is rejected as a duplicate.
+    Returns the candidates to fine-tune (ok, in band, safe; none unless ``finetune``)."""
+    r = step.revision
+    to_finetune: list[Measured] = []
+    solved = {h.allocation_digest: (h.revision, h.candidate) for h in history
+              if h.allocation_digest and h.status == "ok"}
+    for cand in step.candidates:
+        t = time.perf_counter()
+        measured = prune_and_measure(cand.verdict.plan, Slot(revision=r, candidate=cand.candidate))
+        cand.timings["prune"] = time.perf_counter() - t
+        measured.revision, measured.candidate = r, cand.candidate
+        cand.measured = measured
+        post = (validator.check_kind_ratios(measured.kind_ratios, context.profile.family)
+                if measured.status == "ok" else [])
+        cand.post = post
+        twin = solved.get(measured.allocation_digest) if measured.status == "ok" else None
+        if twin is not None:  # another shape that solved to the very same channel counts: nothing new to learn
+            measured.status = "rejected"
+            measured.error = (f"{DUPLICATE_PREFIX} the solved allocation equals revision {twin[0]} candidate "
+                              f"{twin[1]}; not fine-tuned again")
+            continue
+        if measured.status == "ok" and measured.allocation_digest:
+            solved[measured.allocation_digest] = (r, cand.candidate)
+        if finetune and measured.status == "ok" and measured.in_band and not post:
+            to_finetune.append(measured)
+    return to_finetune
+
+
+def finetune_candidates(to_finetune: list[Measured],
+                        finetune_batch: FinetuneBatch | None) -> tuple[dict[int, Evaluated], float]:
+    """Inline fine-tuning of a revision's in-band candidates in one batch (in parallel when the orchestrator
+    can): ``(candidate index -> Evaluated, wall seconds of the batch)``."""
+    if not to_finetune or finetune_batch is None:
+        return {}, 0.0
+    t = time.perf_counter()
+    results = finetune_batch(to_finetune)
+    batch_seconds = time.perf_counter() - t
+    if len(results) != len(to_finetune):
+        raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(to_finetune)} candidates")
+    return {m.candidate: e for m, e in zip(to_finetune, results)}, batch_seconds
+
+
+def record_revision(step: RevisionStep, evaluated: dict[int, Evaluated], batch_seconds: float,
+                    master: MasterAgent, context: SearchContext) -> list[RevisionRecord]:
+    """One :class:`RevisionRecord` per pruned candidate of ``step``, in candidate order (not yet in the history)."""
+    return [_record(cand, evaluated.get(cand.candidate), batch_seconds, step.revision, step.requested,
+                    step.guidance, master, context) for cand in step.candidates]
+
+
+def finish_search(history: Sequence[RevisionRecord], master: MasterAgent, context: SearchContext, *,
+                  resumed: int = 0, guidance: MasterGuidance | None = None,
+                  stop_reason: str | None = None) -> SearchResult:
+    """The result: history sorted by slot and the best record. ``stop_reason=None`` (the loop ran out of
+    revisions): R_max, unless the Master's final analysis of the whole history stops for another reason."""
+    if stop_reason is None:
+        stop_reason = f"maximum revisions reached ({master.config.max_revisions})"
+        if history:
+            guidance = master.analyze(history, context.band, context.profile, context.baseline_accuracy)
+            if not guidance.continue_search and guidance.stop_reason:
+                stop_reason = guidance.stop_reason
+    history = sorted(history, key=lambda h: (h.revision, h.candidate))
     best = master.select_best(history)
     return SearchResult(
         history=history, best=best, best_revision=best.revision if best else None,
@@ -237,28 +331,9 @@ def run_search(
     )
 
 
-class _Candidate:
-    """One proposal of a revision on its way to a record."""
-
-    def __init__(self, proposal, verdict, signature: str):
-        self.proposal, self.verdict, self.signature = proposal, verdict, signature
-        self.candidate = 0
-        self.timings: dict[str, float] = {}
-        self.measured: Measured | None = None
-        self.post: list[str] = []
-
-
-def _next_revision(history: Sequence[RevisionRecord], k_max: int) -> int:
-    """Where a (resumed) search continues: the last revision again when it has fewer than K records."""
-    if not history:
-        return 0
-    last = max(h.revision for h in history)
-    n_last = sum(1 for h in history if h.revision == last)
-    return last if n_last < k_max else last + 1
-
-
-def _propose_candidate(ctx: StrategyContext, strategist, heuristic, validator, context: SearchContext,
-                       seen: dict[str, int], requested: str) -> tuple[_Candidate | None, str | None]:
+def _propose_candidate(ctx: StrategyContext, strategist: Strategist, heuristic: HeuristicStrategist,
+                       validator: SafetyValidator, context: SearchContext, seen: dict[str, int],
+                       requested: str) -> tuple[Candidate | None, str | None]:
     """Analysis Agent + Safety validator for one candidate; (None, why) when no new plan is left."""
     profile, band, guidance = ctx.profile, ctx.band, ctx.guidance
     t = time.perf_counter()
@@ -295,7 +370,7 @@ def _propose_candidate(ctx: StrategyContext, strategist, heuristic, validator, c
         sig = plan_signature(verdict.plan, profile.stages, profile.kinds)
     if sig in seen:
         return None, f"no new plan: the validated plan repeats {_where(seen[sig], ctx)}"
-    cand = _Candidate(proposal, verdict, sig)
+    cand = Candidate(proposal, verdict, sig)
     cand.timings.update(propose=propose_seconds, validate=time.perf_counter() - t)
     return cand, None
 
@@ -304,7 +379,7 @@ def _where(revision: int, ctx: StrategyContext) -> str:
     return f"revision {revision}" if revision != ctx.revision else f"another candidate of revision {revision}"
 
 
-def _record(cand: _Candidate, evaluated: Evaluated | None, batch_seconds: float, r: int, requested: str,
+def _record(cand: Candidate, evaluated: Evaluated | None, batch_seconds: float, r: int, requested: str,
             guidance: MasterGuidance, master: MasterAgent, context: SearchContext) -> RevisionRecord:
     proposal, verdict, measured = cand.proposal, cand.verdict, cand.measured
     reasons = list(verdict.reasons) + list(measured.notes)
@@ -351,4 +426,3 @@ def _seen(history: Sequence[RevisionRecord], profile: ProfileSummary) -> dict[st
             if s and s not in out:
                 out[s] = r.revision
     return out
-

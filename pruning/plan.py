@@ -13,6 +13,11 @@ Criterion = Literal["taylor", "l1", "l2", "random"]
 GROUP_KINDS = ("internal", "residual", "mlp", "qkv", "head", "proj")
 
 
+def default_kind_multiplier(kind: str) -> float:
+    """Multiplier of a kind a plan does not list: 0.0 for ``head`` (whole heads are kept), else 1.0."""
+    return 0.0 if kind == "head" else 1.0
+
+
 class PruningPlan(BaseModel):
     """How to prune, independent of how much: multipliers shape the allocation, ``channel_ratio`` scales it.
 
@@ -59,7 +64,7 @@ class PruningPlan(BaseModel):
 
     def multiplier(self, stage: str, kind: str) -> float:
         """Combined multiplier of a group in ``stage`` of ``kind``."""
-        return self.stage_multipliers.get(stage, 1.0) * self.kind_multipliers.get(kind, 1.0 if kind != "head" else 0.0)
+        return self.stage_multipliers.get(stage, 1.0) * self.kind_multipliers.get(kind, default_kind_multiplier(kind))
 
     def scaled(self, channel_ratio: float) -> "PruningPlan":
         """The same shape with another base ratio."""

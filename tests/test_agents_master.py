@@ -6,11 +6,13 @@ import random
 import pytest
 
 from agents.history import RevisionRecord, plan_coords, plan_signature
-from agents.master import MasterAgent, MasterConfig, compute_danger_zones, select_best
+from agents.limits import SafetyLimits
+from agents.master import MasterAgent, MasterConfig, select_best
 from agents.profiling import ProfileSummary
-from agents.safety import SafetyLimits, SafetyValidator, fallback_plan
+from agents.safety import SafetyValidator, fallback_plan
 from agents.schemas import CNNStrategy, IsomorphicGroupRatios, ViTStrategy
 from agents.strategists import HeuristicStrategist, StrategyContext
+from agents.zones import compute_danger_zones
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
@@ -235,7 +237,7 @@ def test_repair_solution_caps_solved_qkv_ratio():
     """The solver picks the ratio, so QKV <= 85 % is checked (and repaired) after solving."""
     import timm
 
-    from agents.safety import solved_kind_ratios
+    from pruning.engine import solved_kind_ratios
     from pruning.solver import solve
     from pruning.space import PruningSpace, example_input
 

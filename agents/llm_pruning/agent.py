@@ -12,7 +12,7 @@ Strategists (same pattern as :mod:`agents.strategists`):
 
 * ``heuristic`` (:class:`HeuristicPruneStrategist`, deterministic, offline default);
 * ``llm`` (:class:`LLMPruneStrategist`, any OpenAI-compatible endpoint configured by
-  :class:`agents.strategists.LLMConfig`); replies are parsed as JSON and validated, never executed;
+  :class:`agents.llm_client.LLMConfig`); replies are parsed as JSON and validated, never executed;
   invalid replies are re-asked with the validation error, then the heuristic answers and the reason is
   recorded in the iteration record (``fallback_reason``).
 
@@ -22,16 +22,22 @@ task, and :func:`run_prune_agent` runs the whole loop with ``on_record`` callbac
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import math
 import time
 from typing import Any, Callable, ClassVar, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from agents.llm_client import ask_validated, redacted_raw
-from agents.strategists import LLMConfig, LLMStrategist
+from agents.llm_client import LLMClient, LLMConfig
+from agents.llm_pruning.prompts import prune_reask_prompt, prune_system_prompt, prune_user_prompt
+from agents.llm_pruning.schemas import (
+    AgentResult,
+    AgentState,
+    IterationRecord,
+    LayerIncrease,
+    LLMPruneConfig,
+    PruneDecision,
+    PruneProposal,
+)
 from pruning.errors import UserError
 from pruning.llm.masks import PruneStep
 from pruning.llm.session import PruneSession
@@ -40,151 +46,8 @@ from pruning.llm.wanda import parse_nm, row_count, select_prune_indices, wanda_s
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "LayerIncrease", "PruneDecision", "LLMPruneConfig", "IterationRecord", "AgentState", "PruneProposal",
-    "PruneStrategist", "HeuristicPruneStrategist", "LLMPruneStrategist", "create_prune_strategist",
-    "PruneAgentLoop", "AgentResult", "run_prune_agent", "history_jsonl", "read_history_jsonl",
-]
-
-
-# ------------------------------------------------------------------------------------------------
-# Schemas
-# ------------------------------------------------------------------------------------------------
-class LayerIncrease(BaseModel):
-    """Raise one layer's sparsity by ``increase`` (absolute: 0.05 = five more percent of its weights)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    layer: str = Field(description="layer name from the profile, e.g. '0.q_proj'")
-    increase: float = Field(gt=0.0, le=0.5, description="added sparsity of this layer, in (0, 0.5]")
-
-    @field_validator("increase", mode="before")
-    @classmethod
-    def _number(cls, v):
-        if isinstance(v, str):
-            s = v.strip().rstrip("%")
-            try:
-                x = float(s)
-            except ValueError:
-                return v
-            return x / 100 if v.strip().endswith("%") else x
-        return v
-
-
-class PruneDecision(BaseModel):
-    """A strategist's answer for one iteration."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    layers: list[LayerIncrease] = Field(min_length=1, max_length=256)
-    rationale: str = ""
-
-    @field_validator("layers")
-    @classmethod
-    def _unique(cls, v: list[LayerIncrease]) -> list[LayerIncrease]:
-        names = [x.layer for x in v]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"each layer at most once, duplicated: {dup}")
-        return v
-
-
-class LLMPruneConfig(BaseModel):
-    """Loop settings (validated)."""
-
-    target_sparsity: float = Field(0.45, gt=0.0, lt=0.95, description="overall sparsity of the prunable linears")
-    rollback_threshold: float = Field(0.10, gt=0.0, description="max relative validation-perplexity rise per step")
-    max_iterations: int = Field(80, ge=1)
-    max_layer_sparsity: float = Field(0.9, gt=0.0, le=0.99)
-    tolerance: float = Field(5e-4, ge=0.0, description="target reached when overall >= target - tolerance")
-    nm: str | None = Field(None, description="N:M pattern, e.g. '2:4': a pruned layer becomes exactly N:M")
-    history_rows: int = Field(30, ge=1, description="past iterations shown to the LLM")
-
-    @field_validator("nm")
-    @classmethod
-    def _nm(cls, v):
-        parse_nm(v)
-        return v
-
-    def model_post_init(self, _ctx) -> None:
-        nm = parse_nm(self.nm)
-        if nm is not None and self.target_sparsity > nm[0] / nm[1] + 1e-9:
-            raise ValueError(f"target sparsity {self.target_sparsity} exceeds what {self.nm} allows ({nm[0] / nm[1]:g})")
-        if self.target_sparsity > self.max_layer_sparsity:
-            raise ValueError("target_sparsity exceeds max_layer_sparsity")
-
-
-class IterationRecord(BaseModel):
-    """One iteration: the decision, what was applied, perplexity before/after and the verdict."""
-
-    iteration: int
-    strategist: str
-    requested: list[LayerIncrease] = Field(default_factory=list)
-    applied: dict[str, float] = Field(default_factory=dict, description="layer -> new sparsity tried")
-    rationale: str = ""
-    fallback_reason: str | None = None
-    raw_reply: str | None = None
-    notes: list[str] = Field(default_factory=list)
-    sparsity_before: float
-    sparsity_after: float = Field(description="overall sparsity after the step (before any rollback)")
-    removed: int = 0
-    ppl_before: float
-    ppl_after: float | None = None
-    degradation: float | None = Field(None, description="ppl_after / ppl_before - 1")
-    accepted: bool
-    rolled_back: bool = False
-    reason: str
-    sparsity: float = Field(description="overall sparsity at the end of the iteration (after any rollback)")
-    layer_sparsities: dict[str, float] = Field(default_factory=dict)
-    step_key: str | None = None
-    propose_seconds: float = 0.0
-    eval_seconds: float = 0.0
-    seconds: float = 0.0
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.applied)
-
-
-class AgentState(BaseModel):
-    """What a strategist sees (it must not mutate it)."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
-    iteration: int
-    config: LLMPruneConfig
-    profile: SensitivityProfile
-    layer_sparsities: dict[str, float]
-    overall_sparsity: float
-    baseline_ppl: float
-    current_ppl: float
-    history: list[IterationRecord] = Field(default_factory=list)
-
-    @property
-    def remaining(self) -> float:
-        return max(0.0, self.config.target_sparsity - self.overall_sparsity)
-
-    @property
-    def total_params(self) -> int:
-        return sum(l.params for l in self.profile.layers)
-
-    def consecutive_rollbacks(self) -> int:
-        n = 0
-        for r in reversed(self.history):
-            if r.accepted:
-                break
-            n += 1
-        return n
-
-
-class PruneProposal(BaseModel):
-    decision: PruneDecision
-    strategist: str
-    raw_reply: str | None = None
-    fallback_reason: str | None = None
-    notes: list[str] = Field(default_factory=list)
-    attempts: int = 0
-    seconds: float = 0.0
+__all__ = ["PruneStrategist", "HeuristicPruneStrategist", "LLMPruneStrategist", "create_prune_strategist",
+           "PruneAgentLoop", "run_prune_agent"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,73 +199,32 @@ class HeuristicPruneStrategist(PruneStrategist):
                              seconds=time.perf_counter() - t0)
 
 
-PRUNE_SYSTEM = """You are a pruning agent compressing a causal language model without retraining.
-Each iteration you choose which linear layers to prune further (unstructured, Wanda: |W| x ||X||, per output
-row) and by how much. After the step the validation perplexity is measured; if it rose by more than
-{threshold:.0%} relative to the last accepted state, the step is rolled back exactly and you are told.
-The goal is to reach overall sparsity {target:.1%} (fraction of zeroed weights over all listed layers) with
-the lowest final perplexity.
-
-Sensitivity profile: for each layer, z-scores across layers of the Wanda score (z_wanda) and of the
-gradient importance mean |W * dL/dW| (z_grad); z_comb combines them. HIGH z = important: prune it less.
-outlier = fraction of weights with Wanda score > 5x the layer mean (outlier-rich layers are fragile).
-Use the history (self-reflection): avoid repeating steps that were rolled back; prefer smaller steps on
-layers whose steps were costly; take smaller steps near the target.
-
-Rules: layer names must come from the profile; "increase" is the absolute added sparsity of that layer,
-0 < increase <= 0.5; a layer's sparsity never exceeds {cap:.2f}; list each layer at most once.{nm_note}
-
-Answer with ONLY one JSON object:
-{{"layers": [{{"layer": "<name>", "increase": 0.05}}, ...], "rationale": "<one or two sentences>"}}"""
-
-
-def prune_reask_prompt(error: str) -> str:
-    """The re-ask after an invalid reply (the validation error, then the expected JSON shape)."""
-    return (f"Your reply was invalid: {error}\nAnswer again with ONLY the JSON object "
-            '{"layers": [{"layer": "<name>", "increase": <number in (0, 0.5]>}, ...], "rationale": "..."}')
-
-
-def prune_user_prompt(state: AgentState, history_rows: int = 30) -> str:
-    cur = state.layer_sparsities
-    rows = ["layer | params | z_wanda | z_grad | z_comb | outlier | sparsity"]
-    for l in state.profile.layers:
-        rows.append(f"{l.name} | {l.params} | {l.z_wanda:+.2f} | {l.z_grad:+.2f} | {l.z_combined:+.2f} | "
-                    f"{l.outlier_ratio:.4f} | {cur.get(l.name, 0.0):.3f}")
-    hist = ["iter | layers (+increase) | overall before->after | ppl before->after | verdict"]
-    for r in state.history[-history_rows:]:
-        inc = ", ".join(f"{x.layer}+{x.increase:.3f}" for x in r.requested) or "-"
-        ppl_after = "n/a" if r.ppl_after is None else f"{r.ppl_after:.3f}"
-        hist.append(f"{r.iteration} | {inc} | {r.sparsity_before:.4f}->{r.sparsity_after:.4f} | "
-                    f"{r.ppl_before:.3f}->{ppl_after} | {r.reason}")
-    last = state.history[-1] if state.history else None
-    feedback = ""
-    if last is not None and last.rolled_back:
-        feedback = (f"\nLAST STEP WAS ROLLED BACK: {last.reason}. Choose different layers or smaller increases.")
-    return (f"Iteration {state.iteration}. Target overall sparsity {state.config.target_sparsity:.4f}; current "
-            f"{state.overall_sparsity:.4f} (remaining {state.remaining:.4f} = about "
-            f"{int(state.remaining * state.total_params)} weights). Baseline perplexity {state.baseline_ppl:.3f}, "
-            f"current {state.current_ppl:.3f}.{feedback}\n\nProfile and current sparsity:\n" + "\n".join(rows)
-            + "\n\nHistory of your decisions and their outcomes:\n"
-            + ("\n".join(hist) if state.history else "(none yet)") + "\n\nReturn the JSON decision.")
-
-
-class LLMPruneStrategist(LLMStrategist):
-    """LLM prune agent over the OpenAI chat-completions protocol (reuses the client, startup check,
-    redaction and retry settings of :class:`agents.strategists.LLMStrategist`)."""
+class LLMPruneStrategist(PruneStrategist):
+    """LLM prune agent over the OpenAI chat-completions protocol; talks to the endpoint through an
+    :class:`~agents.llm_client.LLMClient` (``self.llm``: client, startup check, redaction, retries)."""
 
     name = "llm"
 
     def __init__(self, config: LLMConfig | None = None, *, fallback: bool | None = None,
                  fallback_strategist: PruneStrategist | None = None, **config_overrides: Any):
-        super().__init__(config, fallback=fallback, fallback_strategist=fallback_strategist or HeuristicPruneStrategist(),
-                         **config_overrides)
+        self.llm = LLMClient(config, fallback=fallback, **config_overrides)
+        self.fallback_strategist = fallback_strategist or HeuristicPruneStrategist()
+        self.unavailable_reason: str | None = None
+
+    @property
+    def config(self) -> LLMConfig:
+        return self.llm.config
+
+    def check(self) -> None:
+        """Endpoint check at startup (see :meth:`LLMClient.check`); with ``fallback`` a failure only warns."""
+        self.unavailable_reason = self.llm.check(stacklevel=2)
 
     def _prune_fallback(self, state: AgentState, reason: str, raw: list[str], notes: list[str], attempts: int,
                         t0: float) -> PruneProposal:
         log.warning("iteration %d: LLM prune agent falls back to heuristic: %s", state.iteration, reason)
         prop = self.fallback_strategist.propose(state)
         return prop.model_copy(update={
-            "fallback_reason": reason, "raw_reply": redacted_raw(self, raw),
+            "fallback_reason": reason, "raw_reply": self.llm.redacted_raw(raw),
             "notes": notes + prop.notes, "attempts": attempts, "seconds": time.perf_counter() - t0})
 
     @staticmethod
@@ -418,21 +240,16 @@ class LLMPruneStrategist(LLMStrategist):
             errs.append(f"every chosen layer is already at its maximum sparsity: {full[:8]}")
         return errs
 
-    def propose(self, state: AgentState) -> PruneProposal:  # type: ignore[override]
+    def propose(self, state: AgentState) -> PruneProposal:
         t0 = time.perf_counter()
         if self.unavailable_reason:
             return self._prune_fallback(state, f"LLM unavailable at startup: {self.unavailable_reason}", [], [], 0, t0)
-        nm = state.config.nm
         messages: list[dict[str, str]] = [
-            {"role": "system", "content": PRUNE_SYSTEM.format(
-                threshold=state.config.rollback_threshold, target=state.config.target_sparsity,
-                cap=state.config.max_layer_sparsity,
-                nm_note=f"\nN:M mode {nm}: a chosen layer becomes exactly {nm} sparse (the increase value is ignored)."
-                if nm else "")},
+            {"role": "system", "content": prune_system_prompt(state)},
             {"role": "user", "content": prune_user_prompt(state, min(self.config.history_rows, state.config.history_rows))},
         ]
-        reply = ask_validated(self, messages, PruneDecision, reask=prune_reask_prompt,
-                              errors=lambda decision: self.context_errors(decision, state))
+        reply = self.llm.ask(messages, PruneDecision, reask=prune_reask_prompt,
+                             errors=lambda decision: self.context_errors(decision, state))
         if reply.failure is not None:
             return self._prune_fallback(state, reply.failure, reply.raw, reply.notes, reply.attempts, t0)
         return PruneProposal(decision=reply.value, strategist=self.name, raw_reply=reply.raw_reply,
@@ -444,30 +261,13 @@ def create_prune_strategist(name: str = "heuristic", *, llm_config: LLMConfig | 
     if name == "heuristic":
         return HeuristicPruneStrategist(**kwargs)
     if name == "llm":
-        return LLMPruneStrategist(llm_config, fallback=fallback, **kwargs)  # type: ignore[return-value]
+        return LLMPruneStrategist(llm_config, fallback=fallback, **kwargs)
     raise UserError(f"unknown prune strategist '{name}'; choose from ['heuristic', 'llm']")
 
 
 # ------------------------------------------------------------------------------------------------
 # Loop
 # ------------------------------------------------------------------------------------------------
-class AgentResult(BaseModel):
-    stop_reason: str
-    iterations: int
-    new_iterations: int
-    resumed_iterations: int
-    rollbacks: int
-    fallbacks: int
-    baseline_ppl: float
-    final_ppl: float
-    final_sparsity: float
-    target_sparsity: float
-    reached: bool
-    layer_sparsities: dict[str, float]
-    history: list[IterationRecord]
-    seconds: float
-
-
 class PruneAgentLoop:
     """The iteration loop, step by step (``done`` / ``propose`` / ``execute``) so a flow can wrap steps."""
 
@@ -637,10 +437,3 @@ def run_prune_agent(session: PruneSession, strategist: PruneStrategist | str = "
             on_record(rec, kept)
     return loop.result(time.perf_counter() - t0)
 
-
-def history_jsonl(records: Sequence[IterationRecord]) -> str:
-    return "".join(json.dumps(r.model_dump(mode="json")) + "\n" for r in records)
-
-
-def read_history_jsonl(text: str) -> list[IterationRecord]:
-    return [IterationRecord.model_validate_json(line) for line in text.splitlines() if line.strip()]
