@@ -23,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	mkdir -p $(PREFECT_HOME)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -1,49 +1,22 @@
 """The agents' decisions as Prefect tasks, so each one is a visible, retryable step in the UI."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from prefect import task
-from prefect.cache_policies import NONE
 
+from agents.history import RevisionRecord
+from agents.master import MasterAgent
 from agents.safety import SafetyValidator
-from agents.strategists import Proposal, Strategist, StrategyContext
-from tasks.retry import IO_RETRY_DELAYS, retry_on_transient
+from agents.search import RevisionStep, SearchContext, propose_revision
+from agents.strategists import HeuristicStrategist, Strategist
+from tasks.retry import IO_TASK
 
 
-@task(name="strategy-generation", retries=2, retry_delay_seconds=IO_RETRY_DELAYS,
-      retry_condition_fn=retry_on_transient, cache_policy=NONE)
-def propose(strategist: Strategist, context: StrategyContext) -> Proposal:
-    """Analysis Agent: the next allocation shape (LLM replies are parsed and validated, never executed)."""
-    return strategist.propose(context)
-
-
-@task(name="safety-validation", cache_policy=NONE)
-def validate(validator: SafetyValidator, proposal, profile, history, **kwargs):
-    """Safety validator: clamp or reject with recorded reasons; an unsafe plan never reaches the pruner."""
-    return validator.validate(proposal, profile, history, **kwargs)
-
-
-class TaskStrategist(Strategist):
-    """Delegates ``propose`` to the ``strategy-generation`` task."""
-
-    def __init__(self, inner: Strategist):
-        self.inner = inner
-        self.name = inner.name
-
-    def check(self) -> None:
-        self.inner.check()
-
-    def propose(self, context: StrategyContext) -> Proposal:
-        return propose(self.inner, context)
-
-
-class TaskValidator:
-    """A SafetyValidator whose ``validate`` runs as the ``safety-validation`` task."""
-
-    def __init__(self, inner: SafetyValidator):
-        self.inner = inner
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def validate(self, proposal, profile, history=(), **kwargs):
-        return validate(self.inner, proposal, profile, list(history), **kwargs)
+@task(name="strategy-generation", task_run_name="propose-r{revision}", **IO_TASK)
+def propose(revision: int, history: Sequence[RevisionRecord], context: SearchContext, strategist: Strategist,
+            validator: SafetyValidator, master: MasterAgent, heuristic: HeuristicStrategist) -> RevisionStep:
+    """Master Agent (guidance, danger zones, stop) -> Analysis Agent (K shapes; LLM replies are parsed and
+    validated, never executed) -> Safety validator (clamp or reject with recorded reasons). Retried only
+    on transient LLM / network errors."""
+    return propose_revision(revision, history, context, strategist, validator, master, heuristic=heuristic)
