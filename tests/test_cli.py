@@ -49,3 +49,36 @@ def test_profile_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["macs"] == pytest.approx(sum(l["macs"] for l in data["layers"]))
     assert {s["stage"] for s in data["stages"]} >= {"layer1", "layer4"}
+
+
+def test_a_bug_is_exit_1_with_the_traceback_in_a_file(capsys, monkeypatch):
+    """A plain ValueError from deep inside is a bug, not the user's input: exit 1, one line, traceback saved."""
+    import pruning.engine
+
+    def broken(*args, **kwargs):
+        raise ValueError("shape mismatch deep inside")
+
+    monkeypatch.setattr(pruning.engine, "prune_to_target", broken)
+    argv = ["solve", "--model", "resnet18", "--num-classes", "10", "--input-size", "32", "--target-macs", "0.02G"]
+    assert main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: internal error (ValueError: shape mismatch deep inside)") and "bug" in last
+    path = last.rsplit("Traceback written to ", 1)[1]
+    text = open(path).read()
+    assert "Traceback" in text and "broken" in text
+    with pytest.raises(ValueError, match="shape mismatch"):  # --debug anywhere on the line: the real traceback
+        main([*argv, "--debug"])
+
+
+def test_user_errors_are_one_family():
+    from agentic_pruner._args import CliError
+    from agents.strategists import LLMUnavailable
+    from pruning.artifacts import StoreError
+    from pruning.errors import UserError
+    from pruning.models import ModelLoadError
+    from pruning.solver import InfeasibleTarget
+    from pruning.train.data import DataError
+    from tasks.runners import RunnerUnavailable
+
+    for cls in (StoreError, ModelLoadError, InfeasibleTarget, DataError, RunnerUnavailable, CliError, LLMUnavailable):
+        assert issubclass(cls, UserError), cls
