@@ -348,24 +348,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _add_store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"),
+                   help="local directory or s3://bucket/prefix (default: $AGENTIC_PRUNER_STORE or ./runs)")
+
+
 def _register_flow_commands(sub) -> None:
     p = sub.add_parser("run", help="run the agentic pruning flow (Prefect; ephemeral API when no server is set)")
     _add_run_args(p)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="the main job on the embedded default (digits ResNet-18, 50%% MACs)")
-    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    _add_store_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("resume", help="continue a run from its last persisted revision")
     p.add_argument("run_id")
-    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    _add_store_arg(p)
     _add_engine_args(p)
     p.set_defaults(func=cmd_resume)
     p = sub.add_parser("runs", help="list runs in the store")
-    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    _add_store_arg(p)
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("report", help="print a run's revision history")
     p.add_argument("run_id")
-    p.add_argument("--store", default=os.environ.get("AGENTIC_PRUNER_STORE", "runs"))
+    _add_store_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
     p = sub.add_parser("serve", help="serve the flow as a Prefect deployment (no work pool needed)")

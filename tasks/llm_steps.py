@@ -35,6 +35,7 @@ from pruning.errors import UserError
 from pruning.llm.masks import PruneStep
 from pruning.llm.session import PruneSession
 from tasks.config import LLMRunConfig
+from tasks.contexts import ContextCache
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +77,16 @@ class LLMRunContext:
         return runs.key(self.run_id, name)
 
 
-_CONTEXTS: dict[str, LLMRunContext] = {}
+_CONTEXTS: ContextCache[LLMRunConfig, LLMRunContext] = ContextCache(LLMRunContext)
 
 
 def get_context(config: LLMRunConfig, run_id: str) -> LLMRunContext:
-    ctx = _CONTEXTS.get(run_id)
-    if ctx is None or ctx.config != config:
-        ctx = _CONTEXTS[run_id] = LLMRunContext(config, run_id)
-    return ctx
+    """The cached context of ``run_id`` in this process (created on first use)."""
+    return _CONTEXTS.get(config, run_id)
 
 
 def drop_context(run_id: str) -> None:
-    _CONTEXTS.pop(run_id, None)
+    _CONTEXTS.drop(run_id)
 
 
 def step_key(run_id: str, iteration: int) -> str:

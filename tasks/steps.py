@@ -44,6 +44,7 @@ from pruning.train import (
 )
 from pruning.train.data import DataBundle, DataConfig, build_data, check_num_classes
 from tasks.config import DEFAULT_MODEL, RunConfig
+from tasks.contexts import ContextCache
 from tasks.prune_step import prune_candidate
 
 log = logging.getLogger(__name__)
@@ -127,15 +128,12 @@ class RunContext:
         return self.config.inline_lr or (DIGITS_RECOVERY_LR if self.is_default_model else None)
 
 
-_CONTEXTS: dict[str, RunContext] = {}
+_CONTEXTS: ContextCache[RunConfig, RunContext] = ContextCache(RunContext)
 
 
 def get_context(config: RunConfig, run_id: str) -> RunContext:
     """The cached context of ``run_id`` in this process (created on first use)."""
-    ctx = _CONTEXTS.get(run_id)
-    if ctx is None or ctx.config != config:
-        ctx = _CONTEXTS[run_id] = RunContext(config, run_id)
-    return ctx
+    return _CONTEXTS.get(config, run_id)
 
 
 # ----------------------------------------------------------------------------------------------
