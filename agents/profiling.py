@@ -8,9 +8,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.limits import SafetyLimits
+from pruning.groups import Cut
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
-from pruning.space import Cut, PruningSpace, natural_key
+from pruning.space import PruningSpace, natural_key
 
 PROBE_FRACTION = 0.5  # MAC shares are measured by cutting this fraction of a kind's / stage's units
 

@@ -276,7 +276,7 @@ def engine_floor(calibrated: nn.Module, example: torch.Tensor, base_macs: float)
     # every group at its minimum (one round_to step, no cap): the absolute floor with round_to 8
     plan = PruningPlan(importance="taylor", allocation="uniform", round_to=ROUND_TO, max_layer_ratio=0.999)
     space = PruningSpace.build(calibrated, example, plan)
-    from pruning.space import Cut
+    from pruning.groups import Cut
     out["absolute"] = float(space.predict_macs({g.index: Cut(dims=g.channels - ROUND_TO) for g in space.groups}))
     return out
 

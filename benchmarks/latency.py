@@ -46,7 +46,6 @@ from mac_targeting import tp_ratio_bisection, update_readme  # noqa: E402
 from pruning.latency_search import (  # noqa: E402
     DEFAULT_ROUND_TO,
     OrtTimer,
-    copy_space,
     export_for_timing,
     solve_latency,
     time_interleaved,
@@ -96,7 +95,7 @@ def ours_at(space: PruningSpace, band: MacBand, round_to: int) -> tuple[torch.nn
     """The MAC solver's answer for ``band`` with ``round_to``, cut on a copy of the space."""
     plan = PruningPlan(round_to=round_to)
     sol = solve(space, plan, band)
-    model = copy_space(space).apply(sol.cuts())
+    model = space.pruned_copy(sol.cuts())
     return model, float(sol.predicted_macs)
 
 
@@ -154,7 +153,7 @@ def run_case(name: str, runs: int, warmup: int, threads: int, latency_solver: bo
         log(f"[{name}] latency solver: budget {budget:.2f} ms (= {ref.median_ms:.2f} ms x MAC ratio)")
         sol = solve_latency(space, PruningPlan(), budget, batch_size=8, threads=threads, runs=max(10, runs // 2),
                             log=lambda s: log(f"[{name}]   {s}"))
-        variants["ours-latency"] = (copy_space(space).apply(sol.cuts()), {
+        variants["ours-latency"] = (space.pruned_copy(sol.cuts()), {
             "round_to": sol.round_to, "latency_budget_ms": round(budget, 2),
             "solver_ms": round(sol.achieved_ms, 2), "solver_probes": sol.measured_probes})
 

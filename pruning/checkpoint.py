@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch_pruning as tp
 from torch import nn
 
 from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
-from pruning.space import example_input, update_attention_attributes
+from pruning.space import dependency_graph, example_input, update_attention_attributes
 
 FORMAT = "agentic-pruner/pruned-model/1"
 
@@ -76,7 +75,7 @@ def rebuild(bundle: dict) -> nn.Module:
     if bundle["pruning_history"]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore")
-            dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_input(bundle["input_size"]))
+            dg = dependency_graph(model, example_input(bundle["input_size"]))
             dg.load_pruning_history(bundle["pruning_history"])
         update_attention_attributes(model, bundle.get("attention_heads"))
     load_weights(model, bundle["state_dict"], source="pruned-model bundle")

@@ -13,8 +13,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pruning.groups import Allocation, Cut
 from pruning.plan import PruningPlan
-from pruning.space import Allocation, Cut, PruningError, PruningSpace
+from pruning.space import PruningError, PruningSpace
 
 
 class InfeasibleTarget(PruningError):

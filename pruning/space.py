@@ -13,66 +13,23 @@ from __future__ import annotations
 import copy
 import math
 import re
-import types
 import warnings
-from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch_pruning.utils import op_counter
 
 from pruning.errors import UserError
+from pruning.groups import Allocation, Cut, GroupInfo
 from pruning.importance import create_importance, has_gradients, needs_gradients
+from pruning.mac_model import MacModel, attention_modules
 from pruning.models import classifier, model_family
 from pruning.plan import PruningPlan
 
 
 class PruningError(UserError):
     """The model or plan cannot be pruned as asked (one-line message)."""
-
-
-@dataclass(frozen=True)
-class Cut:
-    """What to remove from one group: ``dims`` channels per channel-group (head dims for attention), ``heads`` whole heads."""
-
-    dims: int = 0
-    heads: int = 0
-
-
-@dataclass
-class GroupInfo:
-    """One prunable group (a set of coupled channels) and its scores."""
-
-    index: int
-    root: str  # module whose channels define the group
-    root_is_out: bool  # out- or in-channel pruning of the root
-    kind: str
-    stage: str
-    scope: str  # isomorphic tag: groups with the same structure are ranked together
-    channels: int  # prunable units per channel-group (head_dim for attention)
-    ch_groups: int  # replication of the units (num_heads for attention, groups for group convs)
-    importance: torch.Tensor  # per unit, len == channels
-    head_importance: torch.Tensor | None = None  # per head, attention groups only
-    members: list[tuple[str, bool, int]] = field(default_factory=list)  # (module, is_out, full length)
-    attention: str | None = None  # name of the timm attention module whose heads this group holds
-
-    @property
-    def is_attention(self) -> bool:
-        return self.head_importance is not None
-
-    def kept(self, cut: Cut) -> int:
-        """Root-dimension length after ``cut``."""
-        return (self.ch_groups - cut.heads) * (self.channels - cut.dims)
-
-    @property
-    def full(self) -> int:
-        return self.ch_groups * self.channels
-
-
-Allocation = dict[int, Cut]
 
 
 class _PlannedPruner(tp.pruner.MetaPruner):
@@ -111,11 +68,6 @@ def _stage_of(name: str, stages: list[str]) -> str:
     return parts[0]
 
 
-def _attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
-    """qkv linear -> attention module, for timm-style attention blocks."""
-    return {m.qkv: m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
-
-
 def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | None = None) -> None:
     """After pruning, make timm attention bookkeeping (num_heads, head_dim, attn_dim, scale) match the qkv width."""
     for name, m in model.named_modules():
@@ -146,169 +98,6 @@ def stem_and_head(model: nn.Module) -> list[nn.Module]:
 
 
 # --------------------------------------------------------------------------------------------
-# Exact MAC model: Torch-Pruning's counting hooks replayed on predicted shapes.
-# --------------------------------------------------------------------------------------------
-_Var = tuple[int, float]  # (group index, member length / root length)
-
-
-@dataclass
-class _CountedLayer:
-    name: str
-    hook: Callable
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    in_var: tuple[int, _Var] | None  # (dim, var) of the input tensor
-    out_var: tuple[int, _Var] | None
-    attrs: dict  # attributes the hook reads, base values
-    attr_vars: dict  # attribute -> var (channel attrs) or ("heads", group)
-
-
-class MacModel:
-    """Predicts ``count_ops_and_params`` MACs for any allocation, from one profiling forward pass."""
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[GroupInfo]):
-        name_of = {m: n for n, m in model.named_modules()}
-        module_of = dict(model.named_modules())
-        out_var: dict[str, _Var] = {}
-        in_var: dict[str, _Var] = {}
-        for g in groups:
-            for member, is_out, length in g.members:
-                (out_var if is_out else in_var)[member] = (g.index, length / g.full)
-        attn_of_qkv = _attention_modules(model)
-        head_group = {}
-        for g in groups:
-            if g.is_attention:
-                for member, is_out, _ in g.members:
-                    if is_out and module_of.get(member) in attn_of_qkv:
-                        head_group[name_of[attn_of_qkv[module_of[member]]]] = g.index
-        self.base_macs = None
-        self.layers: list[_CountedLayer] = []
-        storage: dict[tuple[int, tuple], tuple[int, _Var] | None] = {}
-        keep_alive: list[torch.Tensor] = []
-        counted_parents: set[str] = set()
-
-        def channel_dim(m):
-            return 1 if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) else -1
-
-        def key(t):
-            return (t.data_ptr(), tuple(t.shape))
-
-        def hook(mod, inputs, output):
-            name = name_of.get(mod)
-            if name is None or not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
-                return None
-            x = inputs[0]
-            keep_alive.extend([x, output])
-            src = storage.get(key(x))
-            if name in out_var:
-                produced = (channel_dim(mod), out_var[name])
-            elif isinstance(mod, (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)):
-                produced = None  # a layer whose outputs are never pruned
-            else:
-                produced = src  # elementwise / pooling / norm: channels follow the input
-            if not any(True for _ in mod.children()):  # containers would overwrite what their leaves produced
-                storage[key(output)] = produced
-            if not op_counter.is_supported_instance(mod):
-                return None
-            if any(name.startswith(p + ".") for p in counted_parents):
-                return None  # the counter sums a supported parent, not its children
-            attrs, attr_vars = {}, {}
-            iv = in_var.get(name)
-            ov = out_var.get(name)
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)):
-                attrs = dict(kernel_size=mod.kernel_size, in_channels=mod.in_channels,
-                             out_channels=mod.out_channels, groups=mod.groups, bias=mod.bias)
-                depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
-                if depthwise and not iv:
-                    iv = ov  # a depthwise conv is pruned as one unit: in follows out
-                if iv:
-                    attr_vars["in_channels"] = iv
-                if ov:
-                    attr_vars["out_channels"] = ov
-                if depthwise and (ov or iv):
-                    attr_vars["groups"] = ov or iv
-                in_v = (1, iv) if iv else None
-            elif isinstance(mod, nn.Linear):
-                attrs = dict(bias=mod.bias, in_features=mod.in_features, out_features=mod.out_features)
-                in_v = (-1, iv) if iv else None
-            elif mod in attn_of_qkv.values():
-                qkv = mod.qkv
-                attrs = dict(num_heads=mod.num_heads, qkv_out=qkv.out_features, qkv_bias=qkv.bias)
-                qname = name_of[qkv]
-                if qname in out_var:
-                    attr_vars["qkv_out"] = out_var[qname]
-                if name in head_group:
-                    attr_vars["num_heads"] = ("heads", head_group[name])
-                in_v = (-1, in_var[qname]) if qname in in_var else None
-                counted_parents.add(name)
-            else:
-                attrs = {a: getattr(mod, a) for a in ("affine", "elementwise_affine") if hasattr(mod, a)}
-                in_v = src
-            out_v = (channel_dim(mod), ov) if ov else (None if isinstance(mod, (nn.Conv2d, nn.Linear)) else in_v)
-            self.layers.append(_CountedLayer(name, op_counter.MODULES_MAPPING[type(mod)], tuple(x.shape),
-                                             tuple(output.shape), in_v, out_v, attrs, attr_vars))
-            return None
-
-        class FollowChannels(TorchFunctionMode):
-            """Tensors made by torch ops (x + shortcut, x * gamma) keep the channels of a same-shaped operand."""
-
-            def __torch_function__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                if isinstance(out, torch.Tensor) and key(out) not in storage:
-                    for a in args:
-                        if isinstance(a, torch.Tensor) and a.shape == out.shape and storage.get(key(a)) is not None:
-                            storage[key(out)] = storage[key(a)]
-                            keep_alive.append(out)
-                            break
-                return out
-
-        handles = [m.register_forward_hook(hook) for m in model.modules() if m is not model]
-        try:
-            with torch.no_grad(), FollowChannels():
-                model.eval()(example)
-        finally:
-            for h in handles:
-                h.remove()
-        # children of a counted parent may have been appended before the parent's hook ran
-        self.layers = [l for l in self.layers if not any(l.name.startswith(p + ".") for p in counted_parents)]
-        self._batch = example.shape[0]
-        self.base_macs = self.macs({}, groups)
-
-    @staticmethod
-    def _new(base: int, var: _Var, pruned_root: dict[int, int]) -> int:
-        g, ratio = var
-        return base - int(round(ratio * pruned_root.get(g, 0)))
-
-    def macs(self, allocation: Allocation, groups: list[GroupInfo]) -> int:
-        """MACs per sample of the model pruned by ``allocation`` (same formula as Torch-Pruning's counter)."""
-        pruned_root = {i: groups[i].full - groups[i].kept(c) for i, c in allocation.items()}
-        heads_left = {i: groups[i].ch_groups - c.heads for i, c in allocation.items()}
-        total = 0
-        for layer in self.layers:
-            in_shape, out_shape = list(layer.in_shape), list(layer.out_shape)
-            if layer.in_var:
-                d, v = layer.in_var
-                in_shape[d] = self._new(in_shape[d], v, pruned_root)
-            if layer.out_var:
-                d, v = layer.out_var
-                out_shape[d] = self._new(out_shape[d], v, pruned_root)
-            attrs = dict(layer.attrs)
-            for a, v in layer.attr_vars.items():
-                if v[0] == "heads":
-                    attrs[a] = heads_left.get(v[1], attrs[a])
-                else:
-                    attrs[a] = self._new(attrs[a], v, pruned_root)
-            if "qkv_out" in attrs:
-                attrs["qkv"] = types.SimpleNamespace(out_features=attrs.pop("qkv_out"), bias=attrs.pop("qkv_bias"))
-            shim = types.SimpleNamespace(__flops__=0, **attrs)
-            x = torch.empty(in_shape, device="meta")
-            y = torch.empty(out_shape, device="meta")
-            layer.hook(shim, (x,), y)
-            total += shim.__flops__
-        return total // self._batch if total % self._batch == 0 else total / self._batch
-
-
-# --------------------------------------------------------------------------------------------
 # The space
 # --------------------------------------------------------------------------------------------
 class PruningSpace:
@@ -328,7 +117,7 @@ class PruningSpace:
                 raise PruningError(f"ignored layer '{name}' is not a module of the model")
             ignored.append(modules[name])
         self.ignored_names = sorted({n for n, m in model.named_modules() if m in ignored})
-        num_heads = {qkv: attn.num_heads for qkv, attn in _attention_modules(model).items()}
+        num_heads = {qkv: attn.num_heads for qkv, attn in attention_modules(model).items()}
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Unwrapped parameters")
@@ -391,7 +180,7 @@ class PruningSpace:
                 tag = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
                 scope += f"|{type(dep.source.module).__name__}_{tag}>{type(dep.target.module).__name__}_{tag}"
             root = names[root_mod]
-            attn_of_qkv = _attention_modules(model)
+            attn_of_qkv = attention_modules(model)
             attention = names[attn_of_qkv[qkv_layers[0]]] if is_attn and qkv_layers[0] in attn_of_qkv else None
             out.append(GroupInfo(
                 index=len(out), root=root, root_is_out=root_is_out,
@@ -500,17 +289,21 @@ class PruningSpace:
         idxs = [h * g.channels + j for h in range(g.ch_groups) for j in range(g.channels) if h in heads or j in dim_idx]
         return idxs
 
-    def interactive(self, allocation: Allocation) -> Iterator:
-        """Yield Torch-Pruning groups for ``allocation`` one by one; call ``group.prune()`` to cut (or skip to veto)."""
-        modules = dict(self.model.named_modules())
+    def _planned(self, model: nn.Module, DG: tp.DependencyGraph, allocation: Allocation) -> list:
+        """``(root module, pruning fn, indices)`` per cut group of ``allocation``, on ``model`` and its graph ``DG``."""
+        modules = dict(model.named_modules())
         planned = []
         for i, cut in sorted(allocation.items()):
             g = self.groups[i]
             root = modules[g.root]
-            pruner_fn = self.pruner.DG.get_pruner_of_module(root)
+            pruner_fn = DG.get_pruner_of_module(root)
             fn = pruner_fn.prune_out_channels if g.root_is_out else pruner_fn.prune_in_channels
             planned.append((root, fn, self.pruning_indices(g, cut)))
-        self.pruner.set_groups(planned)
+        return planned
+
+    def interactive(self, allocation: Allocation) -> Iterator:
+        """Yield Torch-Pruning groups for ``allocation`` one by one; call ``group.prune()`` to cut (or skip to veto)."""
+        self.pruner.set_groups(self._planned(self.model, self.pruner.DG, allocation))
         return self.pruner.step(interactive=True)
 
     def apply(self, allocation: Allocation, veto: Callable[[object], bool] | None = None) -> nn.Module:
@@ -522,15 +315,35 @@ class PruningSpace:
                 continue
             group.prune()
         self._applied = True
-        modules = dict(self.model.named_modules())
+        return self._finish(self.model, allocation)
+
+    def pruned_copy(self, allocation: Allocation) -> nn.Module:
+        """A pruned deep copy of the (unapplied) model; the space, its model and its graph stay untouched.
+
+        Cuts exactly what :meth:`apply` would (same groups, indices, checks and order) on a fresh
+        dependency graph of the copy, so ``space.pruned_copy(a)`` has the shapes of ``space.apply(a)``.
+        """
+        if getattr(self, "_applied", False):
+            raise PruningError("cannot copy a space that was already applied; build a new one from the original model")
+        model = copy.deepcopy(self.model)
+        DG = dependency_graph(model, self.example)
+        for module, fn, idxs in self._planned(model, DG, allocation):
+            group = DG.get_pruning_group(module, fn, idxs)
+            if DG.check_pruning_group(group):
+                group.prune()
+        return self._finish(model, allocation)
+
+    def _finish(self, model: nn.Module, allocation: Allocation) -> nn.Module:
+        """After cutting ``model`` by ``allocation``: attention head counts and attributes, no stale gradients."""
+        modules = dict(model.named_modules())
         for i, cut in allocation.items():
             g = self.groups[i]
             if cut.heads and g.attention:
                 modules[g.attention].num_heads = g.ch_groups - cut.heads
-        update_attention_attributes(self.model)
-        for p in self.model.parameters():
+        update_attention_attributes(model)
+        for p in model.parameters():
             p.grad = None
-        return self.model
+        return model
 
     def attention_heads(self) -> dict[str, int]:
         """Current ``num_heads`` of every attention module (needed to rebuild head-pruned models)."""
@@ -550,6 +363,13 @@ class PruningSpace:
                              replicas=g.ch_groups, kept=g.kept(cut), full=g.full,
                              ratio=round(1 - g.kept(cut) / g.full, 4), scope=g.scope[:60]))
         return rows
+
+
+def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph of ``model`` (traced on ``example``), as :class:`PruningSpace` builds it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example, ignored_params=[])
 
 
 def example_input(input_size: int, batch: int = 1, channels: int = 3) -> torch.Tensor:

@@ -55,8 +55,13 @@ def test_prediction_equals_count(name, kwargs, size, allocation):
     alloc = space.allocate(plan, 0.4)
     predicted = space.predict_macs(alloc)
     assert predicted < space.base_macs
+    copied = space.pruned_copy(alloc)  # a pruned copy leaves the space unapplied and equals apply's cut
     pruned = space.apply(alloc)
-    assert count_macs_params(pruned, ex)[0] == predicted
+    assert count_macs_params(pruned, ex)[0] == predicted == count_macs_params(copied, ex)[0]
+    assert [(n, p.shape) for n, p in copied.named_parameters()] == [(n, p.shape) for n, p in pruned.named_parameters()]
+    assert space.attention_heads() == {n: m.num_heads for n, m in copied.named_modules() if hasattr(m, "qkv")}
+    with torch.no_grad():
+        assert torch.equal(copied(ex), pruned(ex))
     assert pruned(ex).shape == (1, 10)
 
 

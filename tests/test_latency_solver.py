@@ -17,7 +17,6 @@ from pruning.latency_search import (
     LatencyInfeasible,
     LatencyTargetError,
     OrtTimer,
-    copy_space,
     export_for_timing,
     prune_to_latency,
     solve_latency,
@@ -42,7 +41,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def space(model, example):
-    """Analysed once; tests cut copies of it (``copy_space``) and never the space itself."""
+    """Analysed once; tests cut copies of it (``pruned_copy``) and never the space itself."""
     return PruningSpace.build(model, example, PruningPlan())
 
 
@@ -53,24 +52,25 @@ def base_ms(model, tmp_path_factory) -> float:
     return OrtTimer(exp.path, 8, 1, 3).measure(15).median_ms
 
 
-def test_copy_space_is_consistent_and_leaves_original_unapplied(model, example, space):
-    space = copy_space(space)
+def test_pruned_copy_is_exact_and_leaves_space_unapplied(model, example):
+    space = PruningSpace.build(model, example, PruningPlan())  # cut at the end: not the shared fixture
     sol = solve(space, PruningPlan(), MacBand(target_macs=space.base_macs * 0.5))
-    pruned = copy_space(space).apply(sol.cuts())
+    pruned = space.pruned_copy(sol.cuts())
     macs, _ = count_macs_params(pruned, example)
     assert macs == sol.predicted_macs
-    # the original space is untouched and can still be cut (once)
+    # the space is untouched and can still be cut (once), to the same shapes
+    assert not getattr(space, "_applied", False) and space.pruning_history() == []
     assert sum(p.numel() for p in space.model.parameters()) == sum(p.numel() for p in model.parameters())
     again = space.apply(sol.cuts())
     assert count_macs_params(again, example)[0] == sol.predicted_macs
+    assert [p.shape for p in again.parameters()] == [p.shape for p in pruned.parameters()]
     with pytest.raises(PruningError):
-        copy_space(space)
+        space.pruned_copy(sol.cuts())
 
 
-def test_latency_search_meets_generous_budget(model, example, space, base_ms):
+def test_latency_search_meets_generous_budget(model, example, base_ms):
     budget = 0.7 * base_ms
-    pruned, result, _ = prune_to_latency(model, example, PruningPlan(), budget, space=copy_space(space),
-                                         runs=12, max_probes=8, threads=1)
+    pruned, result, _ = prune_to_latency(model, example, PruningPlan(), budget, runs=12, max_probes=8, threads=1)
     sol = result.solution
     assert sol.met and sol.achieved_ms <= budget
     assert sol.measured_probes <= 8 and len(sol.probes) >= 2 and sol.probes[0].verdict == "base"

@@ -63,7 +63,7 @@ class LatencyStats(BaseModel):
     reference: LatencyStats | None = Field(None, description="eager numbers when mode == 'compile'")
 
 
-def _stats(times_ms: Sequence[float], **kw: Any) -> LatencyStats:
+def latency_stats(times_ms: Sequence[float], **kw: Any) -> LatencyStats:
     a = np.asarray(times_ms, dtype=np.float64)
     med = float(np.median(a))
     return LatencyStats(
@@ -128,7 +128,7 @@ def make_ort_session(onnx_path: str | os.PathLike, threads: int | None = None):
     return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _ort_feed(sess, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def ort_feed(sess, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     inp = sess.get_inputs()[0]
     dims = list(inp.shape)
     rest = dims[1:]
@@ -156,11 +156,11 @@ def benchmark_ort_cpu(
     """Latency of one ONNX model on onnxruntime CPU at ``batch_size`` (wall clock per ``run``)."""
     threads = int(threads or available_cpus())
     sess = make_ort_session(onnx_path, threads)
-    feed = _ort_feed(sess, batch_size)
+    feed = ort_feed(sess, batch_size)
     for _ in range(warmup):
         sess.run(None, feed)
     times = [_time_ort(sess, feed) for _ in range(runs)]
-    return _stats(times, backend="onnxruntime-cpu", mode="ort", batch_size=batch_size, threads=threads,
+    return latency_stats(times, backend="onnxruntime-cpu", mode="ort", batch_size=batch_size, threads=threads,
                   warmup=warmup, device=cpu_name())
 
 
@@ -209,7 +209,7 @@ def compare_cpu_onnx(
     sb = make_ort_session(pruned_onnx, threads)
     results = []
     for bs in batch_sizes:
-        fa, fb = _ort_feed(sa, bs), _ort_feed(sb, bs)
+        fa, fb = ort_feed(sa, bs), ort_feed(sb, bs)
         for _ in range(warmup):
             sa.run(None, fa)
             sb.run(None, fb)
@@ -227,7 +227,7 @@ def compare_cpu_onnx(
             ta = [_time_ort(sa, fa) for _ in range(runs)]
             tb = [_time_ort(sb, fb) for _ in range(runs)]
         kw = dict(backend="onnxruntime-cpu", mode="ort", batch_size=bs, threads=threads, warmup=warmup, device=device)
-        a, b = _stats(ta, **kw), _stats(tb, **kw)
+        a, b = latency_stats(ta, **kw), latency_stats(tb, **kw)
         results.append(CpuSpeedup(batch_size=bs, original=a, pruned=b, speedup=a.median_ms / b.median_ms,
                                   speedup_p90=a.p90_ms / b.p90_ms))
     return CpuComparison(threads=threads, device=device, interleaved=interleave, results=results,
@@ -330,7 +330,7 @@ def _benchmark_torch(
     compiled = None
     try:
         t_eager, peak_eager = _time_torch(eager, x, warmup, runs, device)
-        eager_stats = _stats(t_eager, mode="eager", peak_memory_mb=peak_eager,
+        eager_stats = latency_stats(t_eager, mode="eager", peak_memory_mb=peak_eager,
                              note="amp fp16" if amp and is_cuda else ("amp bf16" if amp else None), **kw)
         if not compile:
             return eager_stats
@@ -346,7 +346,7 @@ def _benchmark_torch(
         except Exception as exc:  # noqa: BLE001 - any compile/runtime failure -> eager numbers
             reason = _one_line(exc)
             return eager_stats.model_copy(update={"note": f"torch.compile failed ({reason}); eager numbers"})
-        return _stats(t_comp, mode="compile", peak_memory_mb=peak_comp, reference=eager_stats,
+        return latency_stats(t_comp, mode="compile", peak_memory_mb=peak_comp, reference=eager_stats,
                       note=eager_stats.note, **kw)
     finally:
         m = x = compiled = None  # release the model copies before emptying the cache

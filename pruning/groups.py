@@ -1,0 +1,47 @@
+"""The vocabulary of a pruning space: a prunable group, a cut of it, and an allocation of cuts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class Cut:
+    """What to remove from one group: ``dims`` channels per channel-group (head dims for attention), ``heads`` whole heads."""
+
+    dims: int = 0
+    heads: int = 0
+
+
+@dataclass
+class GroupInfo:
+    """One prunable group (a set of coupled channels) and its scores."""
+
+    index: int
+    root: str  # module whose channels define the group
+    root_is_out: bool  # out- or in-channel pruning of the root
+    kind: str
+    stage: str
+    scope: str  # isomorphic tag: groups with the same structure are ranked together
+    channels: int  # prunable units per channel-group (head_dim for attention)
+    ch_groups: int  # replication of the units (num_heads for attention, groups for group convs)
+    importance: torch.Tensor  # per unit, len == channels
+    head_importance: torch.Tensor | None = None  # per head, attention groups only
+    members: list[tuple[str, bool, int]] = field(default_factory=list)  # (module, is_out, full length)
+    attention: str | None = None  # name of the timm attention module whose heads this group holds
+
+    @property
+    def is_attention(self) -> bool:
+        return self.head_importance is not None
+
+    def kept(self, cut: Cut) -> int:
+        """Root-dimension length after ``cut``."""
+        return (self.ch_groups - cut.heads) * (self.channels - cut.dims)
+
+    @property
+    def full(self) -> int:
+        return self.ch_groups * self.channels
+
+
+Allocation = dict[int, Cut]

@@ -1,0 +1,225 @@
+"""Exact MAC model: Torch-Pruning's counting hooks replayed on predicted shapes.
+
+One profiling forward pass records every layer Torch-Pruning's ``count_ops_and_params`` counts, with
+its input/output shapes and which prunable group (if any) sets each channel dimension. Predicting the
+MACs of an allocation then only rewrites those shapes and re-runs the same counting hooks on ``meta``
+tensors: no weights are touched, and the result equals the count on the really pruned model.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch_pruning.utils import op_counter
+
+from pruning.groups import Allocation, GroupInfo
+
+_Var = tuple[int, float]  # (group index, member length / root length)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class _CountedLayer:
+    name: str
+    hook: Callable
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    in_var: tuple[int, _Var] | None  # (dim, var) of the input tensor
+    out_var: tuple[int, _Var] | None
+    attrs: dict  # attributes the hook reads, base values
+    attr_vars: dict  # attribute -> var (channel attrs) or ("heads", group)
+
+
+def attention_modules(model: nn.Module) -> dict[nn.Module, nn.Module]:
+    """qkv linear -> attention module, for timm-style attention blocks."""
+    return {m.qkv: m for m in model.modules() if hasattr(m, "qkv") and hasattr(m, "num_heads")}
+
+
+def _channel_dim(m: nn.Module) -> int:
+    return 1 if isinstance(m, (*_CONVS, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) else -1
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), tuple(t.shape))
+
+
+class _GroupVars:
+    """Which group sets which channel dimension: member module -> var, attention module -> head group."""
+
+    def __init__(self, model: nn.Module, groups: list[GroupInfo]):
+        name_of = {m: n for n, m in model.named_modules()}
+        module_of = dict(model.named_modules())
+        self.out_var: dict[str, _Var] = {}
+        self.in_var: dict[str, _Var] = {}
+        for g in groups:
+            for member, is_out, length in g.members:
+                (self.out_var if is_out else self.in_var)[member] = (g.index, length / g.full)
+        self.attn_of_qkv = attention_modules(model)
+        self.head_group: dict[str, int] = {}
+        for g in groups:
+            if g.is_attention:
+                for member, is_out, _ in g.members:
+                    if is_out and module_of.get(member) in self.attn_of_qkv:
+                        self.head_group[name_of[self.attn_of_qkv[module_of[member]]]] = g.index
+
+
+class _FollowChannels(TorchFunctionMode):
+    """Tensors made by torch ops (x + shortcut, x * gamma) keep the channels of a same-shaped operand."""
+
+    def __init__(self, tracer: _LayerTracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        storage = self.tracer.storage
+        if isinstance(out, torch.Tensor) and _key(out) not in storage:
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.shape == out.shape and storage.get(_key(a)) is not None:
+                    storage[_key(out)] = storage[_key(a)]
+                    self.tracer.keep_alive.append(out)
+                    break
+        return out
+
+
+class _LayerTracer:
+    """One forward pass with hooks: follows which group sets each tensor's channels and records counted layers."""
+
+    def __init__(self, model: nn.Module, gv: _GroupVars):
+        self.model, self.gv = model, gv
+        self.name_of = {m: n for n, m in model.named_modules()}
+        self.layers: list[_CountedLayer] = []
+        self.storage: dict[tuple[int, tuple], tuple[int, _Var] | None] = {}
+        self.keep_alive: list[torch.Tensor] = []
+        self.counted_parents: set[str] = set()
+
+    def trace(self, example: torch.Tensor) -> list[_CountedLayer]:
+        model = self.model
+        handles = [m.register_forward_hook(self.hook) for m in model.modules() if m is not model]
+        try:
+            with torch.no_grad(), _FollowChannels(self):
+                model.eval()(example)
+        finally:
+            for h in handles:
+                h.remove()
+        # children of a counted parent may have been appended before the parent's hook ran
+        return [l for l in self.layers if not any(l.name.startswith(p + ".") for p in self.counted_parents)]
+
+    def hook(self, mod, inputs, output):
+        name = self.name_of.get(mod)
+        if name is None or not isinstance(output, torch.Tensor) or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return None
+        x = inputs[0]
+        self.keep_alive.extend([x, output])
+        src = self.storage.get(_key(x))
+        self._propagate(mod, name, output, src)
+        if not op_counter.is_supported_instance(mod):
+            return None
+        if any(name.startswith(p + ".") for p in self.counted_parents):
+            return None  # the counter sums a supported parent, not its children
+        self._record(mod, name, x, output, src)
+        return None
+
+    def _propagate(self, mod: nn.Module, name: str, output: torch.Tensor, src) -> None:
+        """Remember which group sets the channels of ``output``."""
+        if name in self.gv.out_var:
+            produced = (_channel_dim(mod), self.gv.out_var[name])
+        elif isinstance(mod, (nn.Conv2d, nn.Linear, nn.Conv1d, nn.Conv3d)):
+            produced = None  # a layer whose outputs are never pruned
+        else:
+            produced = src  # elementwise / pooling / norm: channels follow the input
+        if not any(True for _ in mod.children()):  # containers would overwrite what their leaves produced
+            self.storage[_key(output)] = produced
+
+    def _record(self, mod: nn.Module, name: str, x: torch.Tensor, output: torch.Tensor, src) -> None:
+        """Append the counted layer ``mod`` with the attributes its counting hook reads."""
+        ov = self.gv.out_var.get(name)
+        if isinstance(mod, (*_CONVS, nn.ConvTranspose2d)):
+            attrs, attr_vars, in_v = self._conv(mod, self.gv.in_var.get(name), ov)
+        elif isinstance(mod, nn.Linear):
+            iv = self.gv.in_var.get(name)
+            attrs = dict(bias=mod.bias, in_features=mod.in_features, out_features=mod.out_features)
+            attr_vars, in_v = {}, ((-1, iv) if iv else None)
+        elif mod in self.gv.attn_of_qkv.values():
+            attrs, attr_vars, in_v = self._attention(mod, name)
+        else:
+            attrs = {a: getattr(mod, a) for a in ("affine", "elementwise_affine") if hasattr(mod, a)}
+            attr_vars, in_v = {}, src
+        out_v = (_channel_dim(mod), ov) if ov else (None if isinstance(mod, (nn.Conv2d, nn.Linear)) else in_v)
+        self.layers.append(_CountedLayer(name, op_counter.MODULES_MAPPING[type(mod)], tuple(x.shape),
+                                         tuple(output.shape), in_v, out_v, attrs, attr_vars))
+
+    @staticmethod
+    def _conv(mod: nn.Module, iv: _Var | None, ov: _Var | None) -> tuple[dict, dict, tuple | None]:
+        attrs = dict(kernel_size=mod.kernel_size, in_channels=mod.in_channels,
+                     out_channels=mod.out_channels, groups=mod.groups, bias=mod.bias)
+        attr_vars = {}
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        if depthwise and not iv:
+            iv = ov  # a depthwise conv is pruned as one unit: in follows out
+        if iv:
+            attr_vars["in_channels"] = iv
+        if ov:
+            attr_vars["out_channels"] = ov
+        if depthwise and (ov or iv):
+            attr_vars["groups"] = ov or iv
+        return attrs, attr_vars, ((1, iv) if iv else None)
+
+    def _attention(self, mod: nn.Module, name: str) -> tuple[dict, dict, tuple | None]:
+        qkv = mod.qkv
+        attrs = dict(num_heads=mod.num_heads, qkv_out=qkv.out_features, qkv_bias=qkv.bias)
+        attr_vars = {}
+        qname = self.name_of[qkv]
+        if qname in self.gv.out_var:
+            attr_vars["qkv_out"] = self.gv.out_var[qname]
+        if name in self.gv.head_group:
+            attr_vars["num_heads"] = ("heads", self.gv.head_group[name])
+        self.counted_parents.add(name)
+        return attrs, attr_vars, ((-1, self.gv.in_var[qname]) if qname in self.gv.in_var else None)
+
+
+class MacModel:
+    """Predicts ``count_ops_and_params`` MACs for any allocation, from one profiling forward pass."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[GroupInfo]):
+        self.base_macs = None
+        self.layers: list[_CountedLayer] = _LayerTracer(model, _GroupVars(model, groups)).trace(example)
+        self._batch = example.shape[0]
+        self.base_macs = self.macs({}, groups)
+
+    @staticmethod
+    def _new(base: int, var: _Var, pruned_root: dict[int, int]) -> int:
+        g, ratio = var
+        return base - int(round(ratio * pruned_root.get(g, 0)))
+
+    def macs(self, allocation: Allocation, groups: list[GroupInfo]) -> int:
+        """MACs per sample of the model pruned by ``allocation`` (same formula as Torch-Pruning's counter)."""
+        pruned_root = {i: groups[i].full - groups[i].kept(c) for i, c in allocation.items()}
+        heads_left = {i: groups[i].ch_groups - c.heads for i, c in allocation.items()}
+        total = 0
+        for layer in self.layers:
+            in_shape, out_shape = list(layer.in_shape), list(layer.out_shape)
+            if layer.in_var:
+                d, v = layer.in_var
+                in_shape[d] = self._new(in_shape[d], v, pruned_root)
+            if layer.out_var:
+                d, v = layer.out_var
+                out_shape[d] = self._new(out_shape[d], v, pruned_root)
+            attrs = dict(layer.attrs)
+            for a, v in layer.attr_vars.items():
+                if v[0] == "heads":
+                    attrs[a] = heads_left.get(v[1], attrs[a])
+                else:
+                    attrs[a] = self._new(attrs[a], v, pruned_root)
+            if "qkv_out" in attrs:
+                attrs["qkv"] = types.SimpleNamespace(out_features=attrs.pop("qkv_out"), bias=attrs.pop("qkv_bias"))
+            shim = types.SimpleNamespace(__flops__=0, **attrs)
+            x = torch.empty(in_shape, device="meta")
+            y = torch.empty(out_shape, device="meta")
+            layer.hook(shim, (x,), y)
+            total += shim.__flops__
+        return total // self._batch if total % self._batch == 0 else total / self._batch
