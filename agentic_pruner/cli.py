@@ -29,6 +29,7 @@ from agentic_pruner._args import (
     plan_from_args,
 )
 from pruning.errors import UserError
+from pruning.units import fmt_macs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -69,7 +70,6 @@ def _save_bundle_if_asked(args, out: dict, pruned, spec, plan, space, size: int,
 
 def cmd_solve(args) -> int:
     from pruning.engine import prune_to_target
-    from pruning.units import fmt_macs
 
     latency_ms = getattr(args, "target_latency_ms", None)
     if (args.target_macs is None) == (latency_ms is None):
@@ -112,7 +112,6 @@ def cmd_solve(args) -> int:
 def _solve_latency(args) -> int:
     """``solve --target-latency-ms``: search the plan scale on measured latency (pruning.latency_search)."""
     from pruning.latency_search import DEFAULT_ROUND_TO, prune_to_latency
-    from pruning.units import fmt_macs
 
     if not args.target_latency_ms > 0:
         raise CliError(f"--target-latency-ms must be positive, got {args.target_latency_ms}")
@@ -259,9 +258,9 @@ def _execute(config) -> int:
           f"({config.candidates_per_revision} candidate(s) per revision); stop: {summary.stop_reason}")
     if summary.best_revision is not None and summary.achieved_macs is not None:
         cand = f" candidate {summary.best_candidate}" if summary.best_candidate else ""
-        print(f"best revision {summary.best_revision}{cand}: {summary.achieved_macs / 1e9:.4g} G MACs "
-              f"(target {summary.target_macs / 1e9:.4g} G, error {summary.error_pct:+.3f}%, "
-              f"original {summary.base_macs / 1e9:.4g} G); test accuracy {summary.final_test_accuracy} "
+        print(f"best revision {summary.best_revision}{cand}: {fmt_macs(summary.achieved_macs)} MACs "
+              f"(target {fmt_macs(summary.target_macs)}, error {summary.error_pct:+.3f}%, "
+              f"original {fmt_macs(summary.base_macs)}); test accuracy {summary.final_test_accuracy} "
               f"(original {summary.baseline_test_accuracy:.4f})")
     if summary.latency_markdown:
         print(summary.latency_markdown)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from agentic_pruner._args import CliError, add_band_args, add_model_args, band_from_args, load_model_from_args, log
+from pruning.units import fmt_macs
 
 #: Columns of the final history table (``history_dataframe`` names).
 TABLE_COLUMNS = ("revision", "strategist_used", "move", "verdict", "status", "achieved_macs", "error_pct", "in_band",
@@ -44,7 +45,7 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
                  check_strategist: bool = True, on_profile: Callable | None = None):
     """Run the agent search on ``model`` with the agreement proxy as evaluator (no data, no fine-tuning).
 
-    Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises :class:`CliError` when
+    Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises ``InfeasibleTarget`` when
     the target is not below the model's MACs. ``on_profile(profile)`` is called before the first revision.
     """
     from agents.master import MasterAgent, MasterConfig
@@ -58,9 +59,9 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
     bridge = search_steps(model, example, band, agreement_evaluator(model, inputs), validator=validator,
                               seed=seed)
     profile = bridge.profile(model_name=model_name, num_classes=num_classes)
-    if band.target_macs >= profile.base_macs:
-        raise CliError(f"target {band.target_macs / 1e9:.4g} G MACs is not below the model's "
-                       f"{profile.base_macs / 1e9:.4g} G MACs")
+    from pruning.solver import check_below
+
+    check_below(band.target_macs, profile.base_macs)
     if on_profile is not None:
         on_profile(profile)
     master = MasterAgent(MasterConfig(max_revisions=max_revisions, extra_revisions=extra_revisions,
@@ -113,7 +114,6 @@ def cmd_search(args) -> int:
     import torch
 
     from agents.history import append_jsonl
-    from pruning.units import fmt_macs
 
     if args.max_revisions < 1:
         raise CliError("--max-revisions must be at least 1")

@@ -30,6 +30,7 @@ from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist, St
 from flows._report import LiveTable, artifact_key, failure_recorded
 from pruning.measure.report import mac_plot_png, markdown_table
 from pruning.plan import PruningPlan
+from pruning.units import fmt_macs
 from tasks import agent_tasks, run_tasks, steps
 from tasks.config import RunConfig
 from tasks.runners import candidate_runner, finetune_on_deployment
@@ -215,14 +216,14 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
     lines = [
         f"# {ctx.run_id}",
         "",
-        f"- original: {baseline.base_macs / 1e9:.4g} G MACs, {baseline.base_params / 1e6:.3g} M params, "
+        f"- original: {fmt_macs(baseline.base_macs)} MACs, {baseline.base_params / 1e6:.3g} M params, "
         f"test accuracy {baseline.test_accuracy:.4f}",
-        f"- target: {band.target_macs / 1e9:.4g} G MACs (band {band.lower / 1e9:.4g}-{band.upper / 1e9:.4g} G)",
+        f"- target: {fmt_macs(band.target_macs)} MACs (band {band.lower / 1e9:.4g}-{fmt_macs(band.upper)})",
         f"- revisions: {len(history)} ({result.resumed_revisions} resumed); stop: {result.stop_reason}",
     ]
     if best is not None and final is not None:
         lines += [
-            f"- **best revision {best.revision}{f' candidate {best.candidate}' if best.candidate else ''}**: {best.achieved_macs / 1e9:.4g} G MACs "
+            f"- **best revision {best.revision}{f' candidate {best.candidate}' if best.candidate else ''}**: {fmt_macs(best.achieved_macs)} MACs "
             f"(error {best.error_pct:+.3f}%), {best.params / 1e6:.3g} M params, val acc after inline FT "
             f"{best.accuracy_after}, test acc after extended FT {final.test_accuracy:.4f}",
         ]

@@ -50,6 +50,7 @@ from pruning.measure.latency import LatencyStats, available_cpus, cpu_name, late
 from pruning.plan import PruningPlan
 from pruning.solver import InfeasibleTarget, MacBand, Solution, solve
 from pruning.space import PruningError, PruningSpace, count_macs_params
+from pruning.units import fmt_macs
 
 BACKENDS = ("ort-cpu",)
 
@@ -276,7 +277,7 @@ class LatencySearch:
         self.probes.append(LatencyProbe(probe=0, macs=self.base_macs, params=base_params, median_ms=base.median_ms,
                                         p90_ms=base.p90_ms, runs=base.runs, verdict="base", export_s=exp.seconds,
                                         seconds=time.perf_counter() - t0))
-        self.say(f"unpruned: {self.base_macs / 1e9:.4g} G MACs, {base.median_ms:.2f} ms median (p90 {base.p90_ms:.2f}) "
+        self.say(f"unpruned: {fmt_macs(self.base_macs)} MACs, {base.median_ms:.2f} ms median (p90 {base.p90_ms:.2f}) "
                  f"at batch {c.batch_size}, {self.threads_txt}")
         if c.target_ms >= base.median_ms:
             raise LatencyInfeasible(
@@ -317,7 +318,7 @@ class LatencySearch:
         self.timers[idx] = timer
         self.probes.append(p)
         self.candidates[p.macs] = (p, sol.cuts(), sol.ratio)
-        self.say(f"probe {idx}: target {mac_target / 1e9:.4g} G -> {p.macs / 1e9:.4g} G MACs, "
+        self.say(f"probe {idx}: target {fmt_macs(mac_target)} -> {fmt_macs(p.macs)} MACs, "
                  f"{p.median_ms:.2f} ms median (p90 {p.p90_ms:.2f}, {p.runs} runs) -> {p.verdict}")
         # near the budget one measurement is not enough to decide: pool more runs
         while (abs(p.median_ms - self.target_ms) <= self.target_ms * c.remeasure_pct / 100
@@ -426,7 +427,7 @@ class LatencySearch:
             if p.verdict == "over" and at_floor:
                 raise LatencyInfeasible(
                     f"latency budget {c.target_ms:g} ms is below what the safety limits can reach: the smallest "
-                    f"model this plan allows ({p.macs / 1e9:.4g} G MACs, max_layer_ratio={self.plan.max_layer_ratio}) "
+                    f"model this plan allows ({fmt_macs(p.macs)} MACs, max_layer_ratio={self.plan.max_layer_ratio}) "
                     f"measures {p.median_ms:.2f} ms; reachable range is about {p.median_ms:.2f}-"
                     f"{self.base.median_ms:.2f} ms (batch {c.batch_size}, {c.backend}, {self.threads_txt})")
             self.drop_timers()
@@ -439,7 +440,7 @@ class LatencySearch:
         met = [p for p in self.probes if p.probe > 0 and p.median_ms <= self.target_ms]
         if not met:
             fastest = min((p for p in self.probes if p.probe > 0), key=lambda p: p.median_ms, default=None)
-            detail = (f"; fastest candidate {fastest.median_ms:.2f} ms at {fastest.macs / 1e9:.4g} G MACs"
+            detail = (f"; fastest candidate {fastest.median_ms:.2f} ms at {fmt_macs(fastest.macs)} MACs"
                       if fastest else "")
             raise LatencyNotMet(f"no candidate met the {self.target_ms:g} ms budget within "
                                 f"{self.config.max_probes} measured probes{detail}")

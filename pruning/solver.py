@@ -16,10 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from pruning.groups import Allocation, Cut
 from pruning.plan import PruningPlan
 from pruning.space import PruningError, PruningSpace
+from pruning.units import fmt_macs
 
 
 class InfeasibleTarget(PruningError):
     """The target lies outside what the plan shape and safety limits can reach."""
+
+
+def check_below(target_macs: float, base_macs: float) -> None:
+    """Raise :class:`InfeasibleTarget` unless the target is below the unpruned model's MACs."""
+    if target_macs >= base_macs:
+        raise InfeasibleTarget(f"target {fmt_macs(target_macs)} MACs is not below the model's {fmt_macs(base_macs)} MACs")
 
 
 class MacBand(BaseModel):
@@ -93,17 +100,14 @@ def solve(space: PruningSpace, plan: PruningPlan, band: MacBand, bisection_steps
         return space.predict_macs(alloc), alloc
 
     base = space.base_macs
-    if band.target_macs >= base:
-        raise InfeasibleTarget(
-            f"target {band.target_macs / 1e9:.4g} G MACs is not below the model's {base / 1e9:.4g} G MACs"
-        )
+    check_below(band.target_macs, base)
     hi = _ratio_ceiling(space, plan)
     floor_macs, floor_alloc = macs_at(hi)
     if floor_macs > band.upper:
         raise InfeasibleTarget(
-            f"target {band.target_macs / 1e9:.4g} G MACs is below what this plan can reach within the safety "
+            f"target {fmt_macs(band.target_macs)} MACs is below what this plan can reach within the safety "
             f"limits (max_layer_ratio={plan.max_layer_ratio}); feasible range is {floor_macs / 1e9:.4g}-"
-            f"{base / 1e9:.4g} G MACs"
+            f"{fmt_macs(base)} MACs"
         )
     lo = 0.0
     best: tuple[float, float, Allocation] | None = None  # (|err|, ratio, alloc)

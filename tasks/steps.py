@@ -29,7 +29,7 @@ from pruning.errors import UserError
 from pruning.models import ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.profile import profile_model
-from pruning.solver import InfeasibleTarget, MacBand
+from pruning.solver import MacBand, check_below
 from pruning.space import PruningSpace, count_macs_params
 from pruning.train import (
     DIGITS_RECOVERY_LR,
@@ -188,8 +188,7 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
     example = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
     base_macs, base_params = count_macs_params(model, example)
     target = cfg.resolve_target(base_macs)
-    if target >= base_macs:
-        raise InfeasibleTarget(f"target {target / 1e9:.4g} G MACs is not below the model's {base_macs / 1e9:.4g} G MACs")
+    check_below(target, base_macs)
     val = evaluate(model, data.val, progress_bar=False).top1
     test = evaluate(model, data.test, progress_bar=False).top1
     key = ctx.key("original.pt")
