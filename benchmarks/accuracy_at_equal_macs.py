@@ -65,7 +65,7 @@ from pruning.train import (  # noqa: E402
     evaluate,
     finetune,
 )
-from pruning.train.data import DataBundle, DataConfig, build_data  # noqa: E402
+from pruning.train.data import DataConfig, DataSplits, build_data  # noqa: E402
 from pruning.train.default_model import load_default_model  # noqa: E402
 from tasks.memory_steps import MemorySteps  # noqa: E402
 
@@ -147,7 +147,7 @@ def ft_config(epochs: int, seed: int, reduction: float) -> FinetuneConfig:
                           mac_reduction=reduction, progress_bar=False)
 
 
-def final_finetune(model: nn.Module, data: DataBundle, epochs: int, seed: int, reduction: float) -> dict:
+def final_finetune(model: nn.Module, data: DataSplits, epochs: int, seed: int, reduction: float) -> dict:
     t = time.perf_counter()
     clear_grads(model)
     if epochs > 0:
@@ -228,7 +228,7 @@ def bisect_ratio(calibrated: nn.Module, example: torch.Tensor, method: str, targ
 class AgentRun:
     """run_search with engine callbacks; keeps each in-band candidate's pre-fine-tuning weights."""
 
-    def __init__(self, original: nn.Module, calibrated: nn.Module, example: torch.Tensor, data: DataBundle,
+    def __init__(self, original: nn.Module, calibrated: nn.Module, example: torch.Tensor, data: DataSplits,
                  band: MacBand, base_macs: float, seed: int, search_epochs: int, max_revisions: int,
                  extra_revisions: int):
         self.data, self.band, self.seed = data, band, seed

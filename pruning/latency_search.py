@@ -44,12 +44,13 @@ from typing import Callable, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from pruning.engine import cut_and_count
 from pruning.groups import Allocation, Cut
 from pruning.measure.export import export_onnx
 from pruning.measure.latency import LatencyStats, available_cpus, cpu_name, latency_stats, make_ort_session, ort_feed
 from pruning.plan import PruningPlan
 from pruning.solver import InfeasibleTarget, MacBand, Solution, solve
-from pruning.space import PruningError, PruningSpace, count_macs_params
+from pruning.space import PruningError, PruningSpace
 from pruning.units import fmt_macs
 
 BACKENDS = ("ort-cpu",)
@@ -487,8 +488,7 @@ def prune_to_latency(model: torch.nn.Module, example: torch.Tensor, plan: Prunin
     if space is None:
         space = PruningSpace.build(model, example, plan, seed=seed)
     solution = solve_latency(space, plan, target_ms, **options)
-    pruned = space.apply(solution.cuts())
-    macs, params = count_macs_params(pruned, example)
+    pruned, macs, params = cut_and_count(space, solution.cuts(), example)
     result = LatencyPruneResult(solution=solution, achieved_macs=macs, params=params,
                                 base_params=sum(p.numel() for p in model.parameters()),
                                 prediction_exact=macs == solution.macs)

@@ -42,7 +42,7 @@ from pruning.train import (
     state_from_bytes,
     state_to_bytes,
 )
-from pruning.train.data import DataBundle, DataConfig, build_data, check_num_classes
+from pruning.train.data import DataConfig, DataSplits, build_data, check_num_classes
 from tasks.config import DEFAULT_MODEL, RunConfig
 from tasks.contexts import ContextCache
 from tasks.prune_step import prune_candidate
@@ -82,7 +82,7 @@ class RunContext:
         self.config = config
         self.run_id = run_id
         self.store: ArtifactStore = open_store(config.store)
-        self._data: DataBundle | None = None
+        self._data: DataSplits | None = None
         self._original: nn.Module | None = None
         self._baseline: Baseline | None = None
         self._calibrated: nn.Module | None = None  # the original with Taylor calibration gradients
@@ -95,7 +95,7 @@ class RunContext:
     def is_default_model(self) -> bool:
         return self.config.model == DEFAULT_MODEL
 
-    def data(self, model: nn.Module | None = None) -> DataBundle:
+    def data(self, model: nn.Module | None = None) -> DataSplits:
         if self._data is None:
             cfg = DataConfig(spec=self.config.data, input_size=self.config.input_size, seed=self.config.seed)
             self._data = build_data(cfg, model=model)

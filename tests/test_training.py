@@ -29,7 +29,7 @@ from pruning.train import (
     recalibrate_batchnorm,
     zero_grads,
 )
-from pruning.train.data import DataBundle, DataConfig, build_data, make_loader
+from pruning.train.data import DataConfig, DataSplits, build_data, make_loader
 
 
 def tiny_cnn(width: int = 8, num_classes: int = 10, seed: int = 0) -> nn.Module:
@@ -43,7 +43,7 @@ def tiny_cnn(width: int = 8, num_classes: int = 10, seed: int = 0) -> nn.Module:
 
 
 @pytest.fixture(scope="module")
-def small_bundle() -> DataBundle:
+def small_bundle() -> DataSplits:
     """Digits at 16x16 with a 256-image train subset: every epoch takes well under a second."""
     b = build_data(DataConfig(input_size=16, batch_size=32))
     train_small = Subset(b.train.dataset, list(range(256)))
@@ -57,7 +57,7 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------- calibration
 
 
-def test_calibrate_copy_leaves_original_untouched(small_bundle: DataBundle):
+def test_calibrate_copy_leaves_original_untouched(small_bundle: DataSplits):
     model = tiny_cnn()
     before = _state(model)
     clone = calibrate_copy(model, small_bundle.calib, num_batches=2)
@@ -75,7 +75,7 @@ def test_calibrate_copy_leaves_original_untouched(small_bundle: DataBundle):
     assert all(p.grad is None for p in clone.parameters())
 
 
-def test_calibration_gradients_and_context(small_bundle: DataBundle):
+def test_calibration_gradients_and_context(small_bundle: DataSplits):
     model = tiny_cnn()
     stats = calibration_gradients(model, small_bundle.calib, num_batches=1)
     assert stats["batches"] == 1 and stats["samples"] == len(small_bundle.calib.dataset) and stats["loss"] > 0
@@ -89,7 +89,7 @@ def test_calibration_gradients_and_context(small_bundle: DataBundle):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_recalibrate_batchnorm(small_bundle: DataBundle):
+def test_recalibrate_batchnorm(small_bundle: DataSplits):
     model = tiny_cnn()
     before = _state(model)
     used = recalibrate_batchnorm(model, small_bundle.train, num_batches=2)
@@ -107,7 +107,7 @@ def test_recalibrate_batchnorm(small_bundle: DataBundle):
 # --------------------------------------------------------------------------- evaluation
 
 
-def test_evaluate_sane(small_bundle: DataBundle):
+def test_evaluate_sane(small_bundle: DataSplits):
     model = tiny_cnn()
     r = evaluate(model, small_bundle.val, class_names=small_bundle.class_names)
     assert r.n == len(small_bundle.val.dataset)
@@ -180,11 +180,11 @@ def test_model_family_one_detector():
     assert model_family(_Mha()) == "vit" and model_family(_PatchOnly()) == "vit"
 
 
-def _train_loss(model: nn.Module, bundle: DataBundle) -> float:
+def _train_loss(model: nn.Module, bundle: DataSplits) -> float:
     return evaluate(model, make_loader(bundle.train.dataset, 256)).loss
 
 
-def test_finetune_one_epoch_decreases_loss(small_bundle: DataBundle):
+def test_finetune_one_epoch_decreases_loss(small_bundle: DataSplits):
     model = tiny_cnn()
     loss0 = _train_loss(model, small_bundle)
     calls = []
@@ -212,7 +212,7 @@ def test_kd_loss():
     assert float(kd_loss(a, torch.randn(4, 10), 4.0)) > 0
 
 
-def test_extended_finetune_checkpoint_resume(small_bundle: DataBundle, tmp_path: Path):
+def test_extended_finetune_checkpoint_resume(small_bundle: DataSplits, tmp_path: Path):
     teacher = tiny_cnn(width=12, seed=5)
     finetune(teacher, small_bundle, FinetuneConfig(epochs=1, lr=0.05), progress=False)
     cfg = ExtendedConfig(epochs=2, lr=0.05, patience=None, max_train_batches=4, checkpoint_every=1,
@@ -264,7 +264,7 @@ def test_extended_finetune_checkpoint_resume(small_bundle: DataBundle, tmp_path:
     assert again.epochs_run == 0 and again.resumed_from_epoch == 2
 
 
-def test_extended_early_stopping_and_cosine(small_bundle: DataBundle):
+def test_extended_early_stopping_and_cosine(small_bundle: DataSplits):
     student = tiny_cnn(seed=2)
     cfg = ExtendedConfig(epochs=6, lr=1e-9, family="vit", patience=1, max_train_batches=1, ema=False,
                          warmup_epochs=1)

@@ -15,7 +15,7 @@ Two sources are supported through :class:`DataConfig.spec`:
     config (``timm.data.resolve_data_config`` + ``timm.data.create_transform``). The
     calibration split is a fixed seeded subset of ``train/`` (evaluation transforms, no
     augmentation). ``val/`` is used for model selection; the report split is ``test/``
-    when it exists, otherwise ``val/`` again (``DataBundle.test_is_val`` says which).
+    when it exists, otherwise ``val/`` again (``DataSplits.test_is_val`` says which).
 
 Problems with the data are raised as :class:`DataError` with a one-line message.
 """
@@ -39,7 +39,7 @@ from pruning.errors import UserError
 __all__ = [
     "DataError",
     "DataConfig",
-    "DataBundle",
+    "DataSplits",
     "build_data",
     "check_num_classes",
     "model_num_classes",
@@ -117,7 +117,7 @@ class DataConfig(BaseModel):
 
 
 @dataclass
-class DataBundle:
+class DataSplits:
     """Loaders plus the metadata the pruning pipeline needs.
 
     ``input_size`` is ``(C, H, W)`` as in timm; ``example_input()`` gives a
@@ -193,15 +193,15 @@ def model_num_classes(model: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
-def check_num_classes(bundle: DataBundle, model: nn.Module) -> None:
+def check_num_classes(splits: DataSplits, model: nn.Module) -> None:
     """Raise :class:`DataError` if the model head's class count differs from the data's."""
     n_model = model_num_classes(model)
     if n_model is None:
         return
-    if n_model != bundle.num_classes:
+    if n_model != splits.num_classes:
         raise DataError(
-            f"data {bundle.spec!r} has {bundle.num_classes} classes but the model head outputs "
-            f"{n_model}; create the model with num_classes={bundle.num_classes} or use matching data"
+            f"data {splits.spec!r} has {splits.num_classes} classes but the model head outputs "
+            f"{n_model}; create the model with num_classes={splits.num_classes} or use matching data"
         )
 
 
@@ -254,12 +254,12 @@ def _digits_tensors(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return _DIGITS_CACHE[size]
 
 
-def _build_digits(config: DataConfig) -> DataBundle:
+def _build_digits(config: DataConfig) -> DataSplits:
     size = config.input_size or 32
     x, y = _digits_tensors(size)
     splits = digits_splits(config)
     sets = {name: TensorDataset(x[ix], y[ix]) for name, ix in splits.items()}
-    return DataBundle(
+    return DataSplits(
         train=make_loader(sets["train"], config.batch_size, shuffle=True, seed=config.seed,
                           num_workers=config.num_workers),
         calib=make_loader(sets["calib"], config.eval_batch_size, num_workers=config.num_workers),
@@ -317,7 +317,7 @@ def _timm_data_config(model: nn.Module | None, input_size: int | None) -> dict[s
     return cfg
 
 
-def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataBundle:
+def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataSplits:
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
@@ -360,7 +360,7 @@ def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataBundl
     calib_set = Subset(calib_base, calib_idx)
 
     c, h, w = cfg["input_size"]
-    return DataBundle(
+    return DataSplits(
         train=make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed,
                           num_workers=config.num_workers),
         calib=make_loader(calib_set, config.eval_batch_size, num_workers=config.num_workers),
@@ -382,7 +382,7 @@ def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataBundl
 # --------------------------------------------------------------------------- entry point
 
 
-def build_data(config: DataConfig | str | None = None, model: nn.Module | None = None) -> DataBundle:
+def build_data(config: DataConfig | str | None = None, model: nn.Module | None = None) -> DataSplits:
     """Build train/calib/val/test loaders for ``config`` (a :class:`DataConfig` or a spec string).
 
     ``model`` supplies the timm data config (input size, mean/std, interpolation) for

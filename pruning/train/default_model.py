@@ -102,23 +102,23 @@ def train_default_model(
     cache.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)
-    bundle = build_data(DataConfig(input_size=input_size, seed=seed))
-    model = create_default_model(arch, bundle.num_classes)
+    splits = build_data(DataConfig(input_size=input_size, seed=seed))
+    model = create_default_model(arch, splits.num_classes)
     t0, c0 = time.perf_counter(), time.process_time()
-    history = _train(model, bundle, arch, epochs, lr, progress, progress_bar)
+    history = _train(model, splits, arch, epochs, lr, progress, progress_bar)
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
-    val = evaluate(model, bundle.val, progress_bar=False)
-    test = evaluate(model, bundle.test, progress_bar=False)
+    val = evaluate(model, splits.val, progress_bar=False)
+    test = evaluate(model, splits.test, progress_bar=False)
     info = {
         "key": key,
         "arch": arch,
-        "num_classes": bundle.num_classes,
-        "input_size": list(bundle.input_size),
-        "mean": list(bundle.mean),
-        "std": list(bundle.std),
+        "num_classes": splits.num_classes,
+        "input_size": list(splits.input_size),
+        "mean": list(splits.mean),
+        "std": list(splits.std),
         "data_spec": "digits",
-        "split_sizes": bundle.sizes,
+        "split_sizes": splits.sizes,
         "seed": seed,
         "epochs": epochs,
         "lr": lr,
@@ -139,17 +139,17 @@ def train_default_model(
     return pt_path
 
 
-def _train(model: nn.Module, bundle, arch: str, epochs: int, lr: float, progress, progress_bar) -> list[dict]:
+def _train(model: nn.Module, splits, arch: str, epochs: int, lr: float, progress, progress_bar) -> list[dict]:
     """The recipe: SGD nesterov + one-cycle LR, label smoothing 0.05; returns the per-epoch metrics."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4, nesterov=True)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(bundle.train)),
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, epochs * len(splits.train)),
                                                 pct_start=0.25)
     t0 = time.perf_counter()
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for x, y in _bar(bundle.train, enabled=progress_bar, desc=f"train {arch} {epoch}/{epochs}"):
+        for x, y in _bar(splits.train, enabled=progress_bar, desc=f"train {arch} {epoch}/{epochs}"):
             loss = F.cross_entropy(model(x), y, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -157,7 +157,7 @@ def _train(model: nn.Module, bundle, arch: str, epochs: int, lr: float, progress
             sched.step()
             total += float(loss.detach())
             count += 1
-        val = evaluate(model, bundle.val, progress_bar=False)
+        val = evaluate(model, splits.val, progress_bar=False)
         metrics = {"epoch": epoch, "train_loss": total / max(1, count), "val_acc": val.top1,
                    "seconds": time.perf_counter() - t0}
         history.append(metrics)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 from pruning.train._common import ProgressCallback, _resolve_device, _split_progress
-from pruning.train.data import DataBundle
+from pruning.train.data import DataSplits
 from pruning.train.evaluate import evaluate
 from pruning.train.finetune import EpochRecord, _build_optimizer, _epoch_loader, _train_epoch, _TrainConfigBase
 
@@ -219,7 +219,7 @@ class _Tracker:
     resumed_from: int = 0
 
 
-def _setup(student: nn.Module, teacher: nn.Module | None, bundle: DataBundle, cfg: ExtendedConfig) -> _Run:
+def _setup(student: nn.Module, teacher: nn.Module | None, splits: DataSplits, cfg: ExtendedConfig) -> _Run:
     """Move the models, seed torch, and build optimizer, LR schedule, EMA and AMP scaler."""
     from timm.utils import ModelEmaV3
 
@@ -234,7 +234,7 @@ def _setup(student: nn.Module, teacher: nn.Module | None, bundle: DataBundle, cf
     schedule = cfg.schedule if cfg.schedule != "auto" else ("step" if hp["family"] == "cnn" else "cosine")
     torch.manual_seed(cfg.seed)
     optimizer = _build_optimizer(student, hp, cfg)
-    probe = _epoch_loader(bundle, cfg.batch_size, cfg.seed, 1)
+    probe = _epoch_loader(splits, cfg.batch_size, cfg.seed, 1)
     steps_per_epoch = len(probe) if cfg.max_train_batches is None else min(len(probe), cfg.max_train_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, schedule, steps_per_epoch))
     ema = ModelEmaV3(student, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
@@ -266,20 +266,20 @@ def _resume(run: _Run, student: nn.Module, checkpointer: Checkpointer | None) ->
     return track
 
 
-def _run_epoch(run: _Run, student: nn.Module, bundle: DataBundle, epoch: int, track: _Tracker,
+def _run_epoch(run: _Run, student: nn.Module, splits: DataSplits, epoch: int, track: _Tracker,
                bar: bool | None) -> EpochRecord:
     """Train one epoch, evaluate model and EMA on val, update best/early-stopping state; return the record."""
     cfg, dev, ema = run.cfg, run.dev, run.ema
     t0 = time.perf_counter()
-    loader = _epoch_loader(bundle, cfg.batch_size, cfg.seed, epoch)
+    loader = _epoch_loader(splits, cfg.batch_size, cfg.seed, epoch)
     lr_now = run.optimizer.param_groups[0]["lr"]
     train_loss, track.global_step = _train_epoch(
         student, loader, run.optimizer, cfg, dev, desc=f"extended {epoch}/{cfg.epochs}",
         teacher=run.kd_teacher, kd_alpha=cfg.kd_alpha,
         kd_temperature=cfg.kd_temperature, scheduler=run.scheduler, ema=ema,
         ema_step=track.global_step, scaler=run.scaler, amp=run.amp, bar=bar)
-    ev = evaluate(student, bundle.val, device=dev, progress_bar=False)
-    ema_acc = evaluate(ema.module, bundle.val, device=dev, progress_bar=False).top1 if ema is not None else None
+    ev = evaluate(student, splits.val, device=dev, progress_bar=False)
+    ema_acc = evaluate(ema.module, splits.val, device=dev, progress_bar=False).top1 if ema is not None else None
 
     cand_acc, cand_src = ev.top1, "model"
     if ema_acc is not None and ema_acc > cand_acc:
@@ -322,7 +322,7 @@ def _checkpoint_state(run: _Run, student: nn.Module, track: _Tracker, epoch: int
 def extended_finetune(
     student: nn.Module,
     teacher: nn.Module | None,
-    bundle: DataBundle,
+    splits: DataSplits,
     config: ExtendedConfig | None = None,
     checkpointer: Checkpointer | None = None,
     progress: ProgressCallback | bool | None = None,
@@ -337,7 +337,7 @@ def extended_finetune(
     """
     cfg = config or ExtendedConfig()
     callback, bar = _split_progress(progress, cfg.progress_bar)
-    run = _setup(student, teacher, bundle, cfg)
+    run = _setup(student, teacher, splits, cfg)
     track = _resume(run, student, checkpointer)
 
     t_all = time.perf_counter()
@@ -345,7 +345,7 @@ def extended_finetune(
     for epoch in range(track.resumed_from + 1, cfg.epochs + 1):
         if track.stopped:
             break
-        rec = _run_epoch(run, student, bundle, epoch, track, bar)
+        rec = _run_epoch(run, student, splits, epoch, track, bar)
         epochs_run += 1
         if checkpointer is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs or track.stopped):
             checkpointer.save_checkpoint(epoch, _checkpoint_state(run, student, track, epoch))

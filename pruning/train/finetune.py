@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from pruning.models import Family, model_family
 from pruning.train._common import ProgressCallback, _bar, _resolve_device, _split_progress
-from pruning.train.data import DataBundle, make_loader
+from pruning.train.data import DataSplits, make_loader
 from pruning.train.evaluate import evaluate, recalibrate_batchnorm
 
 __all__ = [
@@ -53,14 +53,14 @@ PAPER_HPARAMS: dict[str, dict[str, Any]] = {
 DIGITS_RECOVERY_LR = 0.02
 
 
-def _epoch_loader(bundle: DataBundle, batch_size: int, seed: int, epoch: int) -> DataLoader:
+def _epoch_loader(splits: DataSplits, batch_size: int, seed: int, epoch: int) -> DataLoader:
     """Training loader whose shuffle depends only on (seed, epoch): resumable, repeatable."""
-    dataset = bundle.train.dataset
+    dataset = splits.train.dataset
     n = len(dataset)  # type: ignore[arg-type]
     # BatchNorm fails on a final batch of one sample in train mode: drop it only then.
     drop_last = n > batch_size and n % batch_size == 1
     return make_loader(dataset, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
-                       num_workers=bundle.train.num_workers, drop_last=drop_last)
+                       num_workers=splits.train.num_workers, drop_last=drop_last)
 
 
 class _TrainConfigBase(BaseModel):
@@ -115,7 +115,7 @@ class FinetuneConfig(_TrainConfigBase):
 
     epochs: int = Field(5, ge=0, description="paper: 5; 1-3 is enough between agent iterations")
     bn_recalibration: bool = Field(
-        False, description="re-estimate BatchNorm stats on bundle.calib first (not in the paper; "
+        False, description="re-estimate BatchNorm stats on splits.calib first (not in the paper; "
         "speeds up recovery of pruned CNNs)")
 
 
@@ -227,13 +227,13 @@ def _train_epoch(
 
 def finetune(
     model: nn.Module,
-    bundle: DataBundle,
+    splits: DataSplits,
     config: FinetuneConfig | None = None,
     progress: ProgressCallback | bool | None = None,
 ) -> FinetuneResult:
-    """Inline fine-tune ``model`` in place on ``bundle.train`` (constant LR, paper Table 7).
+    """Inline fine-tune ``model`` in place on ``splits.train`` (constant LR, paper Table 7).
 
-    Validation accuracy is measured on ``bundle.val`` after each epoch and passed to
+    Validation accuracy is measured on ``splits.val`` after each epoch and passed to
     ``progress(epoch, total, metrics)``; ``progress=False`` also disables tqdm bars.
     """
     cfg = config or FinetuneConfig()
@@ -244,15 +244,15 @@ def finetune(
     torch.manual_seed(cfg.seed)
     t_all = time.perf_counter()
     if cfg.bn_recalibration:
-        recalibrate_batchnorm(model, bundle.calib, device=dev)
+        recalibrate_batchnorm(model, splits.calib, device=dev)
     optimizer = _build_optimizer(model, hp, cfg)
     records: list[EpochRecord] = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
-        loader = _epoch_loader(bundle, cfg.batch_size, cfg.seed, epoch)
+        loader = _epoch_loader(splits, cfg.batch_size, cfg.seed, epoch)
         train_loss, _ = _train_epoch(model, loader, optimizer, cfg, dev,
                                      desc=f"finetune {epoch}/{cfg.epochs}", bar=bar)
-        ev = evaluate(model, bundle.val, device=dev, progress_bar=False)
+        ev = evaluate(model, splits.val, device=dev, progress_bar=False)
         rec = EpochRecord(epoch=epoch, train_loss=train_loss, val_acc=ev.top1, val_loss=ev.loss,
                           lr=hp["lr"], seconds=time.perf_counter() - t0)
         records.append(rec)
