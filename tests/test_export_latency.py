@@ -1,4 +1,4 @@
-"""Tests for pruning.export (ONNX export + parity) and pruning.latency (benchmarks, report).
+"""Tests for pruning.measure: export (ONNX + parity), latency (benchmarks) and latency_table (report).
 
 Few runs everywhere; no speed assertions (shared 2-core CPU).
 """
