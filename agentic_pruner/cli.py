@@ -235,9 +235,8 @@ def _run_config(args):
     )
 
 
-def _execute(config) -> int:
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
-    from flows.agentic_prune import agentic_prune
+def _check_before_work(config) -> None:
+    """What can be known before the flow starts fails here, with one line and nothing written."""
     from pruning.artifacts import open_store
 
     if config.checkpoint and not Path(config.checkpoint).is_file():
@@ -251,6 +250,14 @@ def _execute(config) -> int:
         from tasks.runners import check_reachable
 
         check_reachable(config.task_runner)  # an unreachable cluster too
+
+
+def _execute(config) -> int:
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
+    from flows.agentic_prune import agentic_prune
+    from pruning.artifacts import open_store
+
+    _check_before_work(config)
     summary = agentic_prune(config)
     store = open_store(config.store)
     print()
@@ -267,8 +274,20 @@ def _execute(config) -> int:
     run_dir = store.url_for(summary.summary_key).rsplit("/final/", 1)[0]
     print(f"results:  {store.url_for(summary.summary_key)}  (all artifacts under {run_dir}/)")
     print(f"history:  agentic-pruner report {summary.run_id} --store {config.store}")
-    print("Prefect UI: run 'prefect server start' (same PREFECT_HOME) and open http://127.0.0.1:4200 -> Runs")
+    print(f"Prefect UI: {_ui_hint(summary.flow_run_id)}")
     return 0 if summary.best_revision is not None else 1
+
+
+def _ui_hint(flow_run_id: str | None) -> str:
+    """Where to see the run: its page on the Prefect server in use, or how to start one."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        return ("this run used a temporary API; run 'prefect server start' (same PREFECT_HOME) and open "
+                "http://127.0.0.1:4200 -> Runs")
+    ui = PREFECT_UI_URL.value() or api.rstrip("/").removesuffix("/api")
+    return f"{ui}/runs/flow-run/{flow_run_id}" if flow_run_id else f"{ui}/runs"
 
 
 def cmd_run(args) -> int:
@@ -340,10 +359,20 @@ def cmd_report(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """Serve the flow as a deployment whose parameters are this command's run options (every run, scheduled
+    or started from the UI, prunes what was asked here; a local store is made absolute)."""
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
     from flows.agentic_prune import agentic_prune
 
-    agentic_prune.serve(name=args.name, cron=args.cron)
+    config = _run_config(args)
+    if not config.store.startswith("s3://"):
+        config = config.model_copy(update={"store": os.path.abspath(os.path.expanduser(config.store))})
+    _check_before_work(config)
+    log(f"serving deployment 'agentic-prune/{args.name}'" + (f" on cron '{args.cron}'" if args.cron else "")
+        + f" (store {config.store}); Ctrl-C stops it")
+    # limit=1: a run still going when the next one is due makes it wait, never two runs of one id at once
+    agentic_prune.serve(name=args.name, cron=args.cron, parameters={"config": config.model_dump(mode="json")},
+                        limit=1)
     return 0
 
 
@@ -372,9 +401,10 @@ def _register_flow_commands(sub) -> None:
     _add_store_arg(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("serve", help="serve the flow as a Prefect deployment (no work pool needed)")
+    p = sub.add_parser("serve", help="serve the flow as a Prefect deployment (no work pool needed); takes run's options")
     p.add_argument("--name", default="agentic-prune-serve")
     p.add_argument("--cron", help="e.g. '0 3 * * *'")
+    _add_run_args(p)
     p.set_defaults(func=cmd_serve)
 
 

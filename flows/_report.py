@@ -1,40 +1,63 @@
-"""What both flows share: Prefect artifact keys, a live table + progress bar, and the failed-status record."""
+"""What both flows share: Prefect artifact keys that cannot collide between runs, a progress bar that
+says where the run is, tables and images shown in the UI itself, and the failed-status record."""
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
 from typing import Iterator
 
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_image_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from pruning.artifacts import ArtifactStore, runs
 
 log = logging.getLogger(__name__)
 
 
-def artifact_key(run_id: str, what: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes) for ``what`` of ``run_id``."""
-    text = "".join(c if c.isalnum() else "-" for c in f"{run_id}-{what}".lower())
+def run_scope(run_id: str, store_url: str) -> str:
+    """The run id plus a short hash of its store: two stores may hold runs of the same id (same config)."""
+    return f"{run_id}-{hashlib.sha256(store_url.encode()).hexdigest()[:6]}"
+
+
+def artifact_key(scope: str, what: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes) for ``what`` of a run scope."""
+    text = "".join(c if c.isalnum() else "-" for c in f"{scope}-{what}".lower())
     return "-".join(filter(None, text.split("-")))[:120]
 
 
-class LiveTable:
-    """A table artifact re-published with every new row, and a progress bar next to it."""
+class Progress:
+    """A progress artifact whose description says where the run is ("revision 3 of 8: ...")."""
 
-    def __init__(self, run_id: str, name: str, rows: list[dict], description: str, progress: float,
-                 progress_description: str):
-        self.run_id, self.name, self.rows, self.description = run_id, name, rows, description
-        self.progress_id = create_progress_artifact(progress=min(100.0, progress),
-                                                    key=artifact_key(run_id, "progress"),
-                                                    description=progress_description)
+    def __init__(self, scope: str, done: float, total: float, what: str):
+        self.total, self.what = total, what
+        self.id = create_progress_artifact(progress=self._pct(done), key=artifact_key(scope, "progress"),
+                                           description=f"{what} {done:g} of {total:g}")
 
-    def add(self, row: dict, progress: float) -> None:
-        self.rows.append(row)
-        create_table_artifact(table=self.rows, key=artifact_key(self.run_id, self.name), description=self.description)
-        self.progress(progress)
+    def _pct(self, done: float) -> float:
+        return min(100.0, 100.0 * done / self.total) if self.total else 100.0
 
-    def progress(self, value: float) -> None:
-        update_progress_artifact(self.progress_id, progress=min(100.0, value))
+    def update(self, done: float, note: str = "") -> None:
+        update_progress_artifact(self.id, progress=self._pct(done),
+                                 description=f"{self.what} {done:g} of {self.total:g}" + (f": {note}" if note else ""))
+
+    def finish(self, note: str) -> None:
+        update_progress_artifact(self.id, progress=100.0, description=note)
+
+
+def publish_table(scope: str, name: str, rows: list[dict], description: str) -> None:
+    create_table_artifact(table=rows, key=artifact_key(scope, name), description=description)
+
+
+def publish_png(scope: str, name: str, png: bytes, description: str) -> None:
+    """An image artifact holding the PNG itself (a data URL), so the UI shows it whatever the store is."""
+    create_image_artifact(image_url="data:image/png;base64," + base64.b64encode(png).decode(),
+                          key=artifact_key(scope, name), description=description)
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ import logging
 import os
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel
 
 from agents.history import RevisionRecord, check_history
@@ -27,8 +27,8 @@ from agents.search import (
     record_revision,
 )
 from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist, Strategist
-from flows._report import LiveTable, artifact_key, failure_recorded
-from pruning.measure.report import mac_plot_png, markdown_table
+from flows._report import Progress, artifact_key, failure_recorded, publish_png, publish_table, run_scope
+from pruning.measure.report import accuracy_plot_png, mac_plot_png, markdown_table
 from pruning.plan import PruningPlan
 from pruning.units import fmt_macs
 from tasks import agent_tasks, run_tasks, steps
@@ -54,15 +54,20 @@ class RunSummary(BaseModel):
     final_test_accuracy: float | None
     latency_markdown: str | None = None
     summary_key: str
+    flow_run_id: str | None = None
+
+
+def _pct(x: float | None, digits: int = 2) -> float | None:
+    return None if x is None else round(100 * x, digits)
 
 
 def _row(r: RevisionRecord) -> dict:
-    return {"revision": r.revision, "candidate": r.candidate, "strategist": r.strategist_used, "verdict": r.verdict,
-            "status": r.status,
-            "MACs (G)": None if r.achieved_macs is None else round(r.achieved_macs / 1e9, 5),
-            "error %": None if r.error_pct is None else round(r.error_pct, 3), "in band": r.in_band,
-            "acc before": None if r.accuracy_before is None else round(r.accuracy_before, 4),
-            "acc after": None if r.accuracy_after is None else round(r.accuracy_after, 4),
+    """One revisions-table row, rounded and with units (accuracies are on the validation split, in %)."""
+    return {"revision": r.revision, "candidate": r.candidate, "strategist": r.strategist_used,
+            "safety verdict": r.verdict, "status": r.status,
+            "MACs (G)": None if r.achieved_macs is None else round(r.achieved_macs / 1e9, 4),
+            "MAC error (%)": None if r.error_pct is None else round(r.error_pct, 2), "in band": r.in_band,
+            "val acc zero-shot (%)": _pct(r.accuracy_before), "val acc after inline FT (%)": _pct(r.accuracy_after),
             "fallback": r.fallback_reason or ""}
 
 
@@ -107,6 +112,7 @@ def agentic_prune(config: RunConfig | None = None) -> RunSummary:
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,
              "resuming" if info.resumed else "new", info.completed_revisions)
     ctx = steps.get_context(config, run_id)
+    scope = run_scope(run_id, info.store)
     with failure_recorded(ctx.store, run_id):
         baseline = run_tasks.prepare_original(config, run_id)
         log.info("original model: %.4g G MACs, %.2f M params, val acc %.4f, test acc %.4f; target %.4g G MACs",
@@ -115,7 +121,7 @@ def agentic_prune(config: RunConfig | None = None) -> RunSummary:
         profile = run_tasks.profile(config, run_id)
         log.info("profiling agent:\n%s", profile.text(ctx.band()))
         history = check_history(run_tasks.load_history(config, run_id))
-        result = _search(config, run_id, SearchContext(
+        result = _search(config, run_id, scope, SearchContext(
             band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,
                                                                     round_to=config.round_to),
             baseline_accuracy=baseline.val_accuracy, seed=config.seed,
@@ -128,15 +134,16 @@ def agentic_prune(config: RunConfig | None = None) -> RunSummary:
             log.info("final model (revision %d candidate %d): test acc %.4f (inline %.4f, baseline %.4f)",
                      final.revision, result.best.candidate, final.test_accuracy, final.inline_test_accuracy,
                      baseline.test_accuracy)
-            latency_md = _latency(config, run_id, final) if config.latency else None
-        summary = _write_summary(config, ctx, result, baseline, final, latency_md)
+            latency_md = _latency(config, run_id, scope, final) if config.latency else None
+        summary = _write_summary(config, ctx, scope, result, baseline, final, latency_md)
         run_tasks.set_status(config, run_id, state="completed" if final else "finished-without-candidate",
                              best_revision=result.best_revision, best_candidate=result.best_candidate,
                              stop_reason=result.stop_reason, test_accuracy=final.test_accuracy if final else None)
         return summary
 
 
-def _search(config: RunConfig, run_id: str, context: SearchContext, history: list[RevisionRecord]) -> SearchResult:
+def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
+            history: list[RevisionRecord]) -> SearchResult:
     """The revision loop of Algorithm 1 (lines 4-20), each step a task; persisted records are not redone."""
     log = get_run_logger()
     strategist, validator = _strategist(config), SafetyValidator(dataset=config.data)
@@ -144,9 +151,8 @@ def _search(config: RunConfig, run_id: str, context: SearchContext, history: lis
     strategist.check()
     heuristic = fallback_heuristic(strategist, validator)
     k = config.candidates_per_revision
-    done = lambda: 100.0 * len({r.revision for r in history}) / config.max_revisions  # noqa: E731
-    table = LiveTable(run_id, "revisions", [_row(r) for r in history], f"revisions of {run_id}", done(),
-                      "revisions done / max revisions")
+    done = lambda: len({r.revision for r in history})  # noqa: E731
+    progress = Progress(scope, done(), config.max_revisions, "revision")
     resumed, guidance, stop = len(history), None, None
     where = config.finetune_deployment and f"deployment {config.finetune_deployment}" or config.task_runner
     log.info("%d candidate(s) per revision, fine-tuned on %s", k, where)
@@ -165,10 +171,13 @@ def _search(config: RunConfig, run_id: str, context: SearchContext, history: lis
             for record in record_revision(step, evaluated, seconds, master, context):
                 run_tasks.persist_record(config, run_id, record)
                 history.append(record)
-                table.add(_row(record), done())
                 _log_record(log, record)
-    table.progress(100.0)
-    return finish_search(history, master, context, resumed=resumed, guidance=guidance, stop_reason=stop)
+            progress.update(done(), f"{sum(h.in_band for h in history)} in-band candidate(s) so far")
+    result = finish_search(history, master, context, resumed=resumed, guidance=guidance, stop_reason=stop)
+    progress.finish(f"search done after {done()} revision(s): {result.stop_reason}")
+    publish_table(scope, "revisions", [_row(r) for r in result.history],
+                  f"revisions of {run_id} (accuracies on the validation split)")
+    return result
 
 
 def _finetune(config: RunConfig, run_id: str, runner, items: list[Measured]) -> list[Evaluated]:
@@ -196,16 +205,26 @@ def _log_record(log, record: RevisionRecord) -> None:
              f"; fallback: {record.fallback_reason}" if record.fallback_reason else "")
 
 
-def _latency(config: RunConfig, run_id: str, final) -> str:
-    """ONNX + onnxruntime (and torch.compile GPU) of original vs final model; the table as an artifact."""
+def _latency(config: RunConfig, run_id: str, scope: str, final) -> str:
+    """ONNX + onnxruntime (and torch.compile GPU) of original vs final model; the table as an artifact
+    (CPU columns first, columns without a value dropped, numbers rounded)."""
     report = run_tasks.latency(config, run_id, final)
     frame = report.to_dataframe()
-    create_table_artifact(table=frame.astype(object).where(frame.notna(), None).to_dict("records"),
-                          key=artifact_key(run_id, "latency"), description="original vs pruned (paper Table 3 columns)")
+    cpu = [c for c in frame.columns if c.startswith("cpu_bs")]
+    rest = [c for c in frame.columns if c not in cpu and c not in ("model", "cpu_threads", "cpu_device")]
+    frame = frame[["model", *cpu, *rest, "cpu_threads", "cpu_device"]].dropna(axis=1, how="all").round(3)
+    publish_table(scope, "latency", frame.astype(object).where(frame.notna(), None).to_dict("records"),
+                  "original vs pruned, paper Table 3 columns (latency in ms; CPU = onnxruntime)")
     return report.to_markdown()
 
 
-def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSummary:
+def _flow_run_id() -> str | None:
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
+
+
+def _write_summary(config, ctx, scope, result, baseline, final, latency_md) -> RunSummary:
     best = result.best
     band = ctx.band()
     history = result.history
@@ -213,30 +232,36 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
                        [r.in_band for r in history], band.target_macs, band.lower, band.upper,
                        title=f"{ctx.run_id}: MACs per revision")
     plot_url = run_tasks.put_bytes(config, ctx.run_id, "final/macs.png", png)
+    publish_png(scope, "mac-plot", png, f"MACs per revision against the target and band ({plot_url})")
+    tuned = [r for r in history if r.accuracy_after is not None]
+    acc_png = accuracy_plot_png([r.achieved_macs for r in tuned], [r.accuracy_after for r in tuned],
+                                [f"r{r.revision}c{r.candidate}" for r in tuned], band.target_macs, band.lower,
+                                band.upper, baseline.val_accuracy, title=f"{ctx.run_id}: accuracy vs MACs")
+    acc_url = run_tasks.put_bytes(config, ctx.run_id, "final/accuracy_vs_macs.png", acc_png)
+    publish_png(scope, "accuracy-plot", acc_png, f"validation accuracy after inline fine-tuning vs MACs ({acc_url})")
     lines = [
         f"# {ctx.run_id}",
         "",
         f"- original: {fmt_macs(baseline.base_macs)} MACs, {baseline.base_params / 1e6:.3g} M params, "
-        f"test accuracy {baseline.test_accuracy:.4f}",
+        f"test accuracy {100 * baseline.test_accuracy:.2f} %",
         f"- target: {fmt_macs(band.target_macs)} MACs (band {band.lower / 1e9:.4g}-{fmt_macs(band.upper)})",
         f"- revisions: {len(history)} ({result.resumed_revisions} resumed); stop: {result.stop_reason}",
     ]
     if best is not None and final is not None:
         lines += [
-            f"- **best revision {best.revision}{f' candidate {best.candidate}' if best.candidate else ''}**: {fmt_macs(best.achieved_macs)} MACs "
-            f"(error {best.error_pct:+.3f}%), {best.params / 1e6:.3g} M params, val acc after inline FT "
-            f"{best.accuracy_after}, test acc after extended FT {final.test_accuracy:.4f}",
+            f"- **best revision {best.revision}{f' candidate {best.candidate}' if best.candidate else ''}**: "
+            f"{fmt_macs(best.achieved_macs)} MACs (error {best.error_pct:+.3f} %), {best.params / 1e6:.3g} M params, "
+            f"val accuracy after inline FT {_pct(best.accuracy_after)} %, test accuracy after extended FT "
+            f"{100 * final.test_accuracy:.2f} %",
         ]
-    lines += ["", "## Revisions", "", markdown_table([_row(r) for r in history])]
+    lines += ["", "## Revisions (accuracies on the validation split)", "", markdown_table([_row(r) for r in history])]
     if latency_md:
         lines += ["", "## Latency (original vs pruned)", "", latency_md]
-    lines += ["", f"MAC plot: {plot_url}"]
+    lines += ["", f"Plots (also shown as image artifacts of this run): {plot_url}, {acc_url}"]
     text = "\n".join(lines)
     summary_key = ctx.key("final/summary.md")
     run_tasks.put_bytes(config, ctx.run_id, "final/summary.md", text.encode())
-    create_markdown_artifact(markdown=text, key=artifact_key(ctx.run_id, "summary"), description="run summary")
-    create_link_artifact(link=plot_url, link_text="MAC-vs-revision plot",
-                         key=artifact_key(ctx.run_id, "mac-plot"))
+    create_markdown_artifact(markdown=text, key=artifact_key(scope, "summary"), description="run summary")
     return RunSummary(
         run_id=ctx.run_id, store=ctx.store.describe(), resumed_revisions=result.resumed_revisions,
         new_revisions=result.new_revisions, stop_reason=result.stop_reason, best_revision=result.best_revision,
@@ -244,7 +269,7 @@ def _write_summary(config, ctx, result, baseline, final, latency_md) -> RunSumma
         base_macs=baseline.base_macs, target_macs=band.target_macs,
         achieved_macs=best.achieved_macs if best else None, error_pct=best.error_pct if best else None,
         baseline_test_accuracy=baseline.test_accuracy, final_test_accuracy=final.test_accuracy if final else None,
-        latency_markdown=latency_md, summary_key=summary_key,
+        latency_markdown=latency_md, summary_key=summary_key, flow_run_id=_flow_run_id(),
     )
 
 

@@ -17,7 +17,7 @@ from prefect.artifacts import (
 from pydantic import BaseModel
 
 from agents.llm_pruning import IterationRecord, PruneAgentLoop
-from flows._report import LiveTable, artifact_key, failure_recorded
+from flows._report import Progress, artifact_key, failure_recorded, publish_table, run_scope
 from pruning.artifacts import runs
 from pruning.measure.report import markdown_table
 from tasks import llm_steps, llm_tasks
@@ -86,20 +86,20 @@ def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
         pcfg = config.prune_config()
         loop = PruneAgentLoop(sess, llm_steps.make_strategist(config), pcfg, history=ctx.history,
                               baseline_ppl=model_info.baseline_val_ppl)
-        progress = lambda: 100.0 * sess.mm.overall_sparsity() / pcfg.target_sparsity  # noqa: E731
-        table = LiveTable(run_id, "iterations", [_row(r) for r in loop.history], f"iterations of {run_id}",
-                          progress(), "overall sparsity / target")
+        scope = run_scope(run_id, info.store)
+        progress = Progress(scope, round(sess.mm.overall_sparsity(), 4), pcfg.target_sparsity, "sparsity")
         while not loop.done():
             proposal = llm_tasks.propose(loop)
             record, step = llm_tasks.execute(loop, proposal)
             record = llm_tasks.persist(config, run_id, record, step)
             loop.history[-1] = record  # now carries its step key
-            table.add(_row(record), progress())
+            progress.update(round(sess.mm.overall_sparsity(), 4), f"iteration {record.iteration}")
             log.info("iteration %d [%s]: %s; sparsity %.4f -> %.4f, val ppl %.4f%s", record.iteration,
                      record.strategist, record.reason, record.sparsity_before, record.sparsity, loop.current_ppl,
                      f" (fallback: {record.fallback_reason})" if record.fallback_reason else "")
         result = loop.result(time.perf_counter() - t0)
-        table.progress(100.0 if result.reached else progress())
+        progress.finish(f"sparsity {result.final_sparsity:.4f} of {pcfg.target_sparsity:g}: {result.stop_reason}")
+        publish_table(scope, "iterations", [_row(r) for r in loop.history], f"iterations of {run_id}")
         return _finish(config, ctx, info, model_info, loop, result, t0)
 
 
@@ -126,7 +126,8 @@ def _finish(config: LLMRunConfig, ctx, info, model_info, loop: PruneAgentLoop, r
         seconds=time.perf_counter() - t0)
     text = _summary_markdown(summary, loop, sess)
     ctx.store.put_bytes(summary_key, text.encode())
-    create_markdown_artifact(markdown=text, key=artifact_key(run_id, "summary"), description="LLM pruning run")
+    create_markdown_artifact(markdown=text, key=artifact_key(run_scope(run_id, info.store), "summary"),
+                             description="LLM pruning run")
     runs.write_status(ctx.store, run_id, state="completed" if result.reached else "finished-below-target",
                       stop_reason=result.stop_reason, sparsity=result.final_sparsity, val_ppl=result.final_ppl,
                       test_ppl=final_test)

@@ -78,7 +78,7 @@ def set_status(config: RunConfig, run_id: str, **fields) -> dict:
     return runs.write_status(steps.get_context(config, run_id).store, run_id, **fields)
 
 
-@task(name="write-summary", **IO_TASK)
+@task(name="store-report-file", task_run_name="store-{name}", **IO_TASK)
 def put_bytes(config: RunConfig, run_id: str, name: str, data: bytes) -> str:
     """Store a report file of the run; returns its store URL."""
     ctx = steps.get_context(config, run_id)

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from prefect_server import BIN, ROOT, clean_env, prefect_server, start, stop
 from s3_server import free_ports, seaweed_s3
 
 from pruning.artifacts import open_store, runs
@@ -19,8 +18,6 @@ from tasks.config import RunConfig
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 K = 2
 QUICK = ["--model", "resnet18", "--num-classes", "10", "--target-macs", "45%", "--max-revisions", "2",
          "--extra-revisions", "3", "--inline-epochs", "1", "--extended-epochs", "0", "--max-train-batches", "3",
@@ -28,60 +25,18 @@ QUICK = ["--model", "resnet18", "--num-classes", "10", "--target-macs", "45%", "
 SAME = ["--max-train-batches", "10"]  # local, work pool and Ray run the very same search
 
 
-# -- process helpers ---------------------------------------------------------------------------------
-def _start(cmd, env, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """TERM the process group twice (Prefect workers ignore the first), then KILL."""
-    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace / 2)
-        except subprocess.TimeoutExpired:
-            pass
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"{url} server exited:\n{log.read_text()[-3000:]}"
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up in {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     """A Prefect server and an S3 server on loopback; the environment every process of the tests shares."""
     tmp = tmp_path_factory.mktemp("scale_out")
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-    base.update(PREFECT_HOME=str(tmp / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false", PYTHONUNBUFFERED="1",
-                OMP_NUM_THREADS="1", AGENTIC_PRUNER_HOME=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="1")
-    (tmp / "prefect").mkdir()
-    port = free_ports(1)[0]
-    server = _start([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], base,
-                    tmp / "server.log")
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/api/health", server, tmp / "server.log")
-        base["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    base = clean_env(tmp / "prefect", OMP_NUM_THREADS="1", AGENTIC_PRUNER_HOME=str(ROOT),
+                     PREFECT_WORKER_QUERY_SECONDS="1")
+    with prefect_server(base, tmp / "server.log") as api:
+        base["PREFECT_API_URL"] = api
         with seaweed_s3() as s3:
             base.update(s3.env())
             s3.create_bucket("scale")
             yield base, tmp
-    finally:
-        _stop(server)
 
 
 def _run_cli(args, env, log: Path, timeout=900) -> subprocess.CompletedProcess:
@@ -151,14 +106,14 @@ def test_local_runner_k_candidates(local_history):
 def test_dask_cluster_survives_a_killed_worker(env):
     base, tmp = env
     sched_port = free_ports(1)[0]
-    scheduler = _start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
+    scheduler = start([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(sched_port),
                         "--dashboard-address", ":0"], base, tmp / "scheduler.log")
     workers = []
     try:
         time.sleep(3)
         address = f"tcp://127.0.0.1:{sched_port}"
         for i in range(2):
-            workers.append(_start([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
+            workers.append(start([str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
                                    "--no-dashboard", "--name", f"w{i}"], base, tmp / f"worker{i}.log"))
         time.sleep(5)
         store = "s3://scale/dask"
@@ -184,7 +139,7 @@ def test_dask_cluster_survives_a_killed_worker(env):
             assert killed, "never saw both candidates running"
             assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
         finally:
-            _stop(run)
+            stop(run)
         history = _check_history(store, base)
         # the killed worker finished nothing: its candidate was run again on the survivor, which did the rest
         assert len(_workers(history)) == 1, _workers(history)
@@ -198,8 +153,8 @@ def test_dask_cluster_survives_a_killed_worker(env):
             (t.name, t.state.type) for t in finetunes]
     finally:
         for w in workers:
-            _stop(w)
-        _stop(scheduler)
+            stop(w)
+        stop(scheduler)
 
 
 def test_process_work_pool_with_two_workers(env, local_history):
@@ -211,7 +166,7 @@ def test_process_work_pool_with_two_workers(env, local_history):
                                "--name", "finetune-candidate/local"], env=base, cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
     assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-2000:]
-    workers = [_start([prefect, "worker", "start", "--pool", "candidate-pool", "--type", "process", "--limit", "1",
+    workers = [start([prefect, "worker", "start", "--pool", "candidate-pool", "--type", "process", "--limit", "1",
                        "--name", f"pool-worker-{i}"], base, tmp / f"pool-worker{i}.log") for i in range(2)]
     client = _prefect(base)
     log = tmp / "pool-run.log"
@@ -239,10 +194,10 @@ def test_process_work_pool_with_two_workers(env, local_history):
             assert killed is not None, "never saw a candidate's flow run running"
             assert run.wait(timeout=900) == 0, log.read_text()[-3000:]
         finally:
-            _stop(run)
+            stop(run)
     finally:
         for w in workers:
-            _stop(w)
+            stop(w)
     assert "crashed" in log.read_text() and client.read_flow_run(killed).state.is_crashed()
     history = _check_history(store, base)
     _assert_same_search(history, local_history)

@@ -1,4 +1,4 @@
-"""Run reports: the MAC-vs-revision plot with the tolerance band and the final markdown summary."""
+"""Run reports: the MAC-vs-revision and accuracy-vs-MACs plots, and markdown tables."""
 from __future__ import annotations
 
 import io
@@ -27,6 +27,30 @@ def mac_plot_png(revisions: Sequence[int], macs: Sequence[float | None], in_band
     ax.set_xlabel("revision")
     ax.set_ylabel("G MACs")
     ax.set_title(title or "MACs per revision")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def accuracy_plot_png(macs: Sequence[float | None], accuracy: Sequence[float | None], labels: Sequence[str],
+                      target: float, lower: float, upper: float, baseline: float | None = None,
+                      title: str = "") -> bytes:
+    """PNG bytes: validation accuracy after inline fine-tuning vs MACs of every fine-tuned candidate."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    ax.axvspan(lower / 1e9, upper / 1e9, color="tab:green", alpha=0.15, label="tolerance band")
+    ax.axvline(target / 1e9, color="tab:green", lw=1.2, label="target")
+    pts = [(m / 1e9, a * 100, s) for m, a, s in zip(macs, accuracy, labels) if m is not None and a is not None]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=2, label="candidates")
+    for x, y, s in pts:
+        ax.annotate(s, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if baseline is not None:
+        ax.axhline(baseline * 100, color="0.4", ls="--", lw=1, label="original")
+    ax.set_xlabel("G MACs")
+    ax.set_ylabel("val accuracy after inline FT (%)")
+    ax.set_title(title or "accuracy vs MACs")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
