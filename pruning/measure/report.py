@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def mac_plot_png(revisions: Sequence[int], macs: Sequence[float | None], in_band: Sequence[bool],
@@ -25,6 +26,7 @@ def mac_plot_png(revisions: Sequence[int], macs: Sequence[float | None], in_band
     ax.scatter([x for x, b in zip(xs, ok) if not b], [y for y, b in zip(ys, ok) if not b], color="tab:red",
                marker="x", label="out of band", zorder=2)
     ax.set_xlabel("revision")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("G MACs")
     ax.set_title(title or "MACs per revision")
     ax.legend(fontsize=8, loc="best")
