@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -93,7 +94,7 @@ def main() -> None:
         shots = {"run-page": f"{ui}/runs/flow-run/{run['id']}"}
         for a in api(f"{ui}/api", "/artifacts/filter", {}):
             if a["flow_run_id"] == run["id"]:
-                shots[f"artifact-{a['type']}-{'-'.join(a['key'].split('-')[-2:])}"] = f"{ui}/artifacts/artifact/{a['id']}"
+                shots[f"artifact-{a['type']}-{re.sub(r'^.*-[0-9a-f]{8}-[0-9a-f]{6}-', '', a['key'])}"] = f"{ui}/artifacts/artifact/{a['id']}"
         time.sleep(15)  # the served deployment registers
         shots["deployments"] = f"{ui}/deployments"
         for name, url in shots.items():
