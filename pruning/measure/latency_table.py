@@ -119,8 +119,10 @@ class LatencyReport(BaseModel):
 
     def to_markdown(self, digits: int = 2) -> str:
         """GitHub markdown table in the paper's layout (written by hand; no tabulate)."""
-        heads = ["Model", "Params (M)", "Size (MB)", "MACs (G)", "Peak GPU mem (MB)",
-                 f"GPU lat bs{self.config.gpu_batch_size} (ms)", "GPU speedup"]
+        gpu_ran = any(r.gpu_latency_ms is not None for r in self.rows)  # else the GPU columns are all n/a
+        heads = ["Model", "Params (M)", "Size (MB)", "MACs (G)"]
+        if gpu_ran:
+            heads += ["Peak GPU mem (MB)", f"GPU lat bs{self.config.gpu_batch_size} (ms)", "GPU speedup"]
         for bs in self.config.cpu_batch_sizes:
             heads += [f"CPU bs{bs} median (ms)", f"CPU bs{bs} p90 (ms)", f"CPU bs{bs} speedup"]
 
@@ -129,8 +131,9 @@ class LatencyReport(BaseModel):
 
         lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|"]
         for r in self.rows:
-            cells = [r.model, f(r.params_m), f(r.size_mb), f"{r.macs_g:.3f}", f(r.peak_gpu_mem_mb),
-                     f(r.gpu_latency_ms), f(r.gpu_speedup, "x")]
+            cells = [r.model, f(r.params_m), f(r.size_mb), f"{r.macs_g:.3f}"]
+            if gpu_ran:
+                cells += [f(r.peak_gpu_mem_mb), f(r.gpu_latency_ms), f(r.gpu_speedup, "x")]
             by_bs = {c.batch_size: c for c in r.cpu}
             for bs in self.config.cpu_batch_sizes:
                 c = by_bs.get(bs)
