@@ -28,11 +28,13 @@ from agents.search import (
 )
 from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist, Strategist
 from flows._report import Progress, artifact_key, failure_recorded, publish_png, publish_table, run_scope
+from pruning.errors import UserError
 from pruning.measure.report import accuracy_plot_png, mac_plot_png, markdown_table
 from pruning.plan import PruningPlan
 from pruning.units import fmt_macs
 from tasks import agent_tasks, run_tasks, steps
 from tasks.config import RunConfig
+from tasks.retry import quiet_failure
 from tasks.runners import candidate_runner, finetune_on_deployment
 
 
@@ -100,13 +102,21 @@ def agentic_prune(config: RunConfig | None = None) -> RunSummary:
     original model + baseline accuracy -> Profiling Agent -> revisions (Master -> strategy -> safety ->
     prune -> inline fine-tune -> record) until the Master stops -> extended fine-tuning of the best
     candidate -> latency. Every step reads and writes the artifact store, so a re-run continues where
-    the last one stopped.
+    the last one stopped. A user mistake found on the way fails the run with one line (no traceback).
     """
+    try:
+        return _prune_run(config or RunConfig())
+    except UserError as exc:
+        return quiet_failure(exc)
+
+
+def _prune_run(config: RunConfig) -> RunSummary:
+    """The body of :func:`agentic_prune`."""
     log = get_run_logger()
     for name in ("agents", "pruning", "tasks"):  # their INFO lines reach the flow log (PREFECT_LOGGING_EXTRA_LOGGERS)
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
-    config = _shareable(config or RunConfig())
+    config = _shareable(config)
     info = run_tasks.open_run(config)
     run_id = info.run_id
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,

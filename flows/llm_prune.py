@@ -19,9 +19,11 @@ from pydantic import BaseModel
 from agents.llm_pruning import IterationRecord, PruneAgentLoop
 from flows._report import Progress, artifact_key, failure_recorded, publish_table, run_scope
 from pruning.artifacts import runs
+from pruning.errors import UserError
 from pruning.measure.report import markdown_table
 from tasks import llm_steps, llm_tasks
 from tasks.config import LLMRunConfig
+from tasks.retry import quiet_failure
 
 __all__ = ["LLMRunSummary", "llm_prune"]
 
@@ -68,6 +70,14 @@ def flow_run_name() -> str:
 @flow(name="llm-agentic-prune", flow_run_name=flow_run_name, log_prints=True, validate_parameters=True)
 def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
     """Prune a causal LM to ``config.target_sparsity`` with the agent in the loop; resumable."""
+    try:
+        return _llm_prune_run(config)
+    except UserError as exc:
+        return quiet_failure(exc)
+
+
+def _llm_prune_run(config: LLMRunConfig) -> LLMRunSummary:
+    """The body of :func:`llm_prune`."""
     log = get_run_logger()
     t0 = time.perf_counter()
     info = llm_tasks.open_run(config)

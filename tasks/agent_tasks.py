@@ -3,17 +3,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from prefect import task
-
 from agents.history import RevisionRecord
 from agents.master import MasterAgent
 from agents.safety import SafetyValidator
 from agents.search import RevisionStep, SearchContext, propose_revision
 from agents.strategists import HeuristicStrategist, Strategist
-from tasks.retry import IO_TASK
+from tasks.retry import io_task
 
 
-@task(name="strategy-generation", task_run_name="propose-r{revision}", **IO_TASK)
+@io_task(name="strategy-generation", task_run_name="propose-r{revision}")
 def propose(revision: int, history: Sequence[RevisionRecord], context: SearchContext, strategist: Strategist,
             validator: SafetyValidator, master: MasterAgent, heuristic: HeuristicStrategist) -> RevisionStep:
     """Master Agent (guidance, danger zones, stop) -> Analysis Agent (K shapes; LLM replies are parsed and

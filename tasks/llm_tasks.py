@@ -8,16 +8,16 @@ from agents.llm_pruning import IterationRecord, PruneAgentLoop, PruneProposal
 from pruning.llm.masks import PruneStep
 from tasks import llm_steps
 from tasks.config import LLMRunConfig
-from tasks.retry import IO_RETRY_DELAYS, IO_TASK, retry_on_transient
+from tasks.retry import IO_RETRY_DELAYS, io_task, retry_on_transient
 
 
-@task(name="llm-open-run", **IO_TASK)
+@io_task(name="llm-open-run")
 def open_run(config: LLMRunConfig) -> llm_steps.LLMRunInfo:
     """Check the store, then create the run or find it for resuming."""
     return llm_steps.open_run(config)
 
 
-@task(name="llm-prepare-model", **IO_TASK)
+@io_task(name="llm-prepare-model")
 def prepare(config: LLMRunConfig, run_id: str) -> llm_steps.ModelInfo:
     """Load (or train, for the embedded default) the model, profile it, replay persisted steps."""
     return llm_steps.prepare(config, run_id)
@@ -36,7 +36,7 @@ def execute(loop: PruneAgentLoop, proposal: PruneProposal) -> tuple[IterationRec
     return loop.execute(proposal)
 
 
-@task(name="llm-persist-iteration", **IO_TASK)
+@io_task(name="llm-persist-iteration")
 def persist(config: LLMRunConfig, run_id: str, record: IterationRecord, step: PruneStep | None) -> IterationRecord:
     """Step file (removed indices + values) first, then the history record (idempotent)."""
     return llm_steps.persist_iteration(config, run_id, record, step)

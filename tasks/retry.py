@@ -1,9 +1,16 @@
-"""Retry only where a retry can help: storage and network I/O, never invalid configuration."""
+"""Retry only where a retry can help (storage and network I/O, never invalid configuration), and let a user
+mistake fail its task and flow run with one line instead of a traceback."""
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
+from prefect import Task, get_run_logger
 from prefect.cache_policies import NONE
+from prefect.states import Failed, State
 
 from pruning.artifacts import is_transient_store_error
+from pruning.errors import UserError
 
 #: Backoff between attempts (seconds) for I/O-bound tasks.
 IO_RETRY_DELAYS = [1, 4, 10]
@@ -31,3 +38,43 @@ def retry_on_transient(task, task_run, state) -> bool:
 #: ``@task(**IO_TASK)``: retried on transient I/O errors only; never cached (steps are idempotent via the store).
 IO_TASK = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_fn=retry_on_transient,
                cache_policy=NONE)
+
+
+def quiet_failure(exc: BaseException) -> State:
+    """A Failed state carrying ``exc`` (callers still get the exception) after logging one line, no traceback."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    get_run_logger().error("error: %s", line)
+    return Failed(message=f"error: {line}", data=exc)
+
+
+def _user_errors_fail_quietly(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            if _is_transient(exc):  # unreachable storage etc.: raise, so Prefect retries
+                raise
+            return quiet_failure(exc)
+
+    return wrapper
+
+
+class _QuietTask(Task):
+    """A task whose body turned a user mistake into a quiet Failed state: calling it raises that mistake again
+    in the caller (the flow), as a plain task call would."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        out = super().__call__(*args, **kwargs)
+        if isinstance(out, State) and out.is_failed() and not kwargs.get("return_state"):
+            return out.result()  # raises the UserError the state carries
+        return out
+
+
+def io_task(**options: Any) -> Callable[[Callable], Any]:
+    """``@task`` for I/O steps: retried on transient errors only, never cached, a user mistake fails the task
+    run with one line (the exception still reaches the caller)."""
+    def decorate(fn: Callable):
+        return _QuietTask(fn=_user_errors_fail_quietly(fn), **IO_TASK, **options)
+
+    return decorate

@@ -210,3 +210,22 @@ def test_storage_outage_retried_then_resume_after_long_outage(flow_fn, monkeypat
         assert done.best_revision is not None
         again = runs.read_history(store, "outage-long")
         assert [r["revision"] for r in again] == list(range(len(again)))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--data", "imagefolder:/nonexistent/images"], "imagefolder"),
+    (["--model", "resnet18", "--num-classes", "10", "--target-macs", "150%"], "relative target"),
+])
+def test_user_error_inside_the_flow_is_one_line(tmp_path, args, needle):
+    """A mistake found only inside the flow: exit 2, one `error:` line, no traceback anywhere in the output;
+    the run's status says what happened."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    store = tmp_path / "store"
+    done = subprocess.run(_cli("run", "--store", str(store), "--no-latency", *args, env=env), env=env,
+                          capture_output=True, text=True, timeout=600)
+    out = done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and last.startswith("error: ") and needle in last.lower(), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    statuses = list(store.glob("*/status.json"))
+    assert statuses and all('"failed"' in s.read_text() for s in statuses)
