@@ -27,14 +27,7 @@ def mac_plot_png(revisions: Sequence[int], macs: Sequence[float | None], in_band
                marker="x", label="out of band", zorder=2)
     ax.set_xlabel("revision")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("G MACs")
-    ax.set_title(title or "MACs per revision")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig, ax, "G MACs", title or "MACs per revision")
 
 
 def accuracy_plot_png(macs: Sequence[float | None], accuracy: Sequence[float | None], labels: Sequence[str],
@@ -51,8 +44,13 @@ def accuracy_plot_png(macs: Sequence[float | None], accuracy: Sequence[float | N
     if baseline is not None:
         ax.axhline(baseline * 100, color="0.4", ls="--", lw=1, label="original")
     ax.set_xlabel("G MACs")
-    ax.set_ylabel("val accuracy after inline FT (%)")
-    ax.set_title(title or "accuracy vs MACs")
+    return _png(fig, ax, "val accuracy after inline FT (%)", title or "accuracy vs MACs")
+
+
+def _png(fig, ax, ylabel: str, title: str) -> bytes:
+    """Label, legend and render a figure to PNG bytes (and free it)."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     buf = io.BytesIO()
