@@ -28,7 +28,7 @@ from agentic_pruner._args import (
     log,
     plan_from_args,
 )
-from pruning.errors import UserError
+from pruning.errors import UserError, first_line
 from pruning.units import fmt_macs
 
 
@@ -461,8 +461,7 @@ def _one_line(exc: BaseException) -> str:
         loc = ".".join(str(x) for x in err.get("loc", ()))
         msg = str(err.get("msg", "")).removeprefix("Value error, ")  # our validators' own sentence, as written
         return f"invalid {loc or 'value'}: {msg}"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc, limit=None)
 
 
 def _write_traceback(exc: BaseException) -> Path | None:

@@ -16,6 +16,7 @@ from prefect.artifacts import (
 )
 
 from pruning.artifacts import ArtifactStore, runs
+from pruning.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,8 @@ def failure_recorded(store: ArtifactStore, run_id: str) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         try:
-            runs.write_status(store, run_id, state="failed", error=reason)
+            runs.write_status(store, run_id, state="failed", error=first_line(exc))
         except Exception:  # noqa: BLE001 - the store may be what failed; status stays 'running', resume works
             log.warning("could not record the failure of run %s in its status", run_id)
         raise

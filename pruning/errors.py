@@ -13,3 +13,9 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Something the user asked for cannot be done as asked (one-line message)."""
+
+
+def first_line(exc: BaseException, limit: int | None = 300) -> str:
+    """The first line of ``exc``'s message (its type name when empty), cut at ``limit`` characters."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if limit is None else line[:limit]

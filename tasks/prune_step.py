@@ -11,13 +11,10 @@ from torch import nn
 from agents.safety import SafetyValidator, UnsafePlanError
 from agents.search import Measured
 from pruning.engine import prune_to_target
+from pruning.errors import first_line
 from pruning.plan import PruningPlan
 from pruning.solver import InfeasibleTarget, MacBand, solve
 from pruning.space import PruningError, PruningSpace
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def prune_candidate(model: nn.Module, example: torch.Tensor, plan: PruningPlan, band: MacBand, *, seed: int = 0,
@@ -39,14 +36,10 @@ def prune_candidate(model: nn.Module, example: torch.Tensor, plan: PruningPlan, 
     try:
         space = PruningSpace(model, example, plan, seed=seed) if in_place else None
         pruned, res, space = prune_to_target(model, example, plan, band, seed=seed, space=space, repair=repair)
-    except InfeasibleTarget as exc:
-        return Measured(plan=plan, status="infeasible", error=_one_line(exc),
-                        timings={"solve": time.perf_counter() - t}), None, None
-    except UnsafePlanError as exc:
-        return Measured(plan=plan, status="rejected", error=_one_line(exc),
-                        timings={"solve": time.perf_counter() - t}), None, None
-    except PruningError as exc:
-        return Measured(plan=plan, status="error", error=_one_line(exc),
+    except (PruningError, UnsafePlanError) as exc:  # InfeasibleTarget is a PruningError
+        status = ("infeasible" if isinstance(exc, InfeasibleTarget)
+                  else "rejected" if isinstance(exc, UnsafePlanError) else "error")
+        return Measured(plan=plan, status=status, error=first_line(exc),
                         timings={"solve": time.perf_counter() - t}), None, None
     timings = {k: v for k, v in res.seconds.items() if k != "total"}
     measured = Measured(plan=res.plan, solver_ratio=res.ratio, predicted_macs=float(res.predicted_macs),

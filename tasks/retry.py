@@ -10,7 +10,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Failed, State
 
 from pruning.artifacts import is_transient_store_error
-from pruning.errors import UserError
+from pruning.errors import UserError, first_line
 
 #: Backoff between attempts (seconds) for I/O-bound tasks.
 IO_RETRY_DELAYS = [1, 4, 10]
@@ -42,7 +42,7 @@ IO_TASK = dict(retries=3, retry_delay_seconds=IO_RETRY_DELAYS, retry_condition_f
 
 def quiet_failure(exc: BaseException) -> State:
     """A Failed state carrying ``exc`` (callers still get the exception) after logging one line, no traceback."""
-    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:500]
+    line = first_line(exc, limit=500)
     get_run_logger().error("error: %s", line)
     return Failed(message=f"error: {line}", data=exc)
 

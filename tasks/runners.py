@@ -22,7 +22,7 @@ from typing import Iterator
 
 from prefect.task_runners import TaskRunner
 
-from pruning.errors import UserError
+from pruning.errors import UserError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,7 @@ def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]
     except Exception as exc:  # noqa: BLE001 - classified into one clear message
         with contextlib.suppress(Exception):
             runner.__exit__(None, None, None)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunnerUnavailable(f"cannot start task runner '{spec}': {first[:300]}") from None
+        raise RunnerUnavailable(f"cannot start task runner '{spec}': {first_line(exc)}") from None
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
