@@ -364,9 +364,7 @@ def cmd_serve(args) -> int:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "agents,pruning,tasks")
     from flows.agentic_prune import agentic_prune
 
-    config = _run_config(args)
-    if not config.store.startswith("s3://"):
-        config = config.model_copy(update={"store": os.path.abspath(os.path.expanduser(config.store))})
+    config = _run_config(args).shareable()
     _check_before_work(config)
     log(f"serving deployment 'agentic-prune/{args.name}'" + (f" on cron '{args.cron}'" if args.cron else "")
         + f" (store {config.store}); Ctrl-C stops it")

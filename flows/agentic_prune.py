@@ -80,13 +80,6 @@ def _strategist(config: RunConfig) -> Strategist:
     return HeuristicStrategist()
 
 
-def _shareable(config: RunConfig) -> RunConfig:
-    """A local store as an absolute path, so workers in other processes write to the same directory."""
-    if config.store.startswith("s3://"):
-        return config
-    return config.model_copy(update={"store": os.path.abspath(os.path.expanduser(config.store))})
-
-
 def flow_run_name() -> str:
     from prefect.runtime import flow_run
 
@@ -116,7 +109,7 @@ def _prune_run(config: RunConfig) -> RunSummary:
     for name in ("agents", "pruning", "tasks"):  # their INFO lines reach the flow log (PREFECT_LOGGING_EXTRA_LOGGERS)
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
-    config = _shareable(config)
+    config = config.shareable()
     info = run_tasks.open_run(config)
     run_id = info.run_id
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,

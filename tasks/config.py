@@ -3,6 +3,7 @@
 derives the run id that makes re-running the same config resume."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -108,6 +109,13 @@ class RunConfig(BaseModel):
         if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
             out.pop("candidates_per_revision")
         return out
+
+    def shareable(self) -> "RunConfig":
+        """The same config with a local store as an absolute path, so other processes (workers, served runs)
+        write to the same directory."""
+        if self.store.startswith("s3://"):
+            return self
+        return self.model_copy(update={"store": os.path.abspath(os.path.expanduser(self.store))})
 
     def resolved_run_id(self) -> str:
         """``run_id`` if given, else derived from the fields that define the results (same config = same run)."""
