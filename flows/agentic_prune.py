@@ -208,28 +208,10 @@ def _log_record(log, record: RevisionRecord) -> None:
              f"; fallback: {record.fallback_reason}" if record.fallback_reason else "")
 
 
-def _latency_column_name(col: str) -> str:
-    """``cpu_bs8_median_ms`` -> ``CPU bs8 median (ms)``; ``params_m`` -> ``params (M)``."""
-    names = {"params_m": "params (M)", "size_mb": "size (MB)", "macs_g": "MACs (G)", "cpu_threads": "CPU threads",
-             "cpu_device": "CPU", "gpu_device": "GPU", "peak_gpu_mem_mb": "peak GPU memory (MB)",
-             "gpu_batch_size": "GPU batch", "gpu_latency_ms": "GPU latency (ms)", "gpu_speedup": "GPU speedup",
-             "gpu_mode": "GPU mode"}
-    if col.startswith("cpu_bs"):
-        bs, what = col[len("cpu_bs"):].split("_", 1)
-        return f"CPU bs{bs} " + {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "speedup": "speedup"}[what]
-    return names.get(col, col)
-
-
 def _latency(config: RunConfig, run_id: str, scope: str, final) -> str:
-    """ONNX + onnxruntime (and torch.compile GPU) of original vs final model; the table as an artifact
-    (CPU columns first, columns without a value dropped, numbers rounded)."""
+    """ONNX + onnxruntime (and torch.compile GPU) of original vs final model; the table as an artifact."""
     report = run_tasks.latency(config, run_id, final)
-    frame = report.to_dataframe()
-    cpu = [c for c in frame.columns if c.startswith("cpu_bs")]
-    rest = [c for c in frame.columns if c not in cpu and c not in ("model", "cpu_threads", "cpu_device")]
-    frame = frame[["model", *cpu, *rest, "cpu_threads", "cpu_device"]].dropna(axis=1, how="all").round(3)
-    frame = frame.rename(columns=_latency_column_name)
-    publish_table(scope, "latency", frame.astype(object).where(frame.notna(), None).to_dict("records"),
+    publish_table(scope, "latency", report.display_rows(),
                   "original vs pruned, paper Table 3 columns (latency in ms; CPU = onnxruntime)")
     return report.to_markdown()
 

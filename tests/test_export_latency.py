@@ -188,6 +188,11 @@ def test_report_and_files(tmp_path):
         assert (tmp_path / name).exists()
     if not torch.cuda.is_available():
         assert df.loc[0, "gpu_mode"] == "skipped" and "n/a" in md
+    rows = rep.display_rows()  # the UI table: CPU first, readable names, no all-empty columns
+    assert [r["model"] for r in rows] == ["original", "pruned"]
+    assert list(rows[0])[:2] == ["model", "CPU bs8 median (ms)"] and rows[0]["CPU bs8 speedup"] == 1.0
+    if not torch.cuda.is_available():
+        assert "GPU latency (ms)" not in rows[0]
 
 
 def test_report_with_torch_pruning(tmp_path):

@@ -110,6 +110,16 @@ class LatencyReport(BaseModel):
         tail = ["cpu_threads", "cpu_device", "gpu_device"]
         return pd.DataFrame(recs, columns=order + cpu_cols + tail)
 
+    def display_rows(self, digits: int = 3) -> list[dict]:
+        """Rows for a UI table: CPU columns first, columns without any value dropped, numbers rounded,
+        readable column names (``CPU bs8 median (ms)``)."""
+        frame = self.to_dataframe()
+        cpu = [c for c in frame.columns if c.startswith("cpu_bs")]
+        rest = [c for c in frame.columns if c not in cpu and c not in ("model", "cpu_threads", "cpu_device")]
+        frame = frame[["model", *cpu, *rest, "cpu_threads", "cpu_device"]].dropna(axis=1, how="all").round(digits)
+        frame = frame.rename(columns=_display_name)
+        return frame.astype(object).where(frame.notna(), None).to_dict("records")
+
     def to_csv(self, path: str | os.PathLike) -> Path:
         """Write :meth:`to_dataframe` as CSV; returns the path."""
         path = Path(path)
@@ -147,6 +157,18 @@ class LatencyReport(BaseModel):
                   f"{self.config.runs} runs{' interleaved' if self.cpu.interleaved else ''}, exporter {self.exporter}. "
                   f"{gpu_txt}. Input {tuple(self.input_size)}."]
         return "\n".join(lines) + "\n"
+
+
+def _display_name(col: str) -> str:
+    """``cpu_bs8_median_ms`` -> ``CPU bs8 median (ms)``; ``params_m`` -> ``params (M)``."""
+    names = {"params_m": "params (M)", "size_mb": "size (MB)", "macs_g": "MACs (G)", "cpu_threads": "CPU threads",
+             "cpu_device": "CPU", "gpu_device": "GPU", "peak_gpu_mem_mb": "peak GPU memory (MB)",
+             "gpu_batch_size": "GPU batch", "gpu_latency_ms": "GPU latency (ms)", "gpu_speedup": "GPU speedup",
+             "gpu_mode": "GPU mode"}
+    if col.startswith("cpu_bs"):
+        bs, what = col[len("cpu_bs"):].split("_", 1)
+        return f"CPU bs{bs} " + {"median_ms": "median (ms)", "p90_ms": "p90 (ms)", "speedup": "speedup"}[what]
+    return names.get(col, col)
 
 
 def _macs_g(model: torch.nn.Module, input_size: tuple[int, int, int]) -> float:
