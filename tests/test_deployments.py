@@ -3,6 +3,7 @@ the runs, and ``agentic-pruner serve`` (with run options) executing them to comp
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -86,8 +87,6 @@ def _check_artifacts(client, flow_run_id) -> None:
 
 def test_serve_rejects_bad_options_before_serving(tmp_path):
     env = clean_env(tmp_path / "prefect")
-    import subprocess
-
     done = subprocess.run([str(BIN / "agentic-pruner"), "serve", "--target-macs", "2.0X", "--store",
                            str(tmp_path / "s")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: malformed MAC count")
