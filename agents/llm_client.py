@@ -51,7 +51,8 @@ class LLMConfig(BaseSettings):
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int | None = Field(1024, gt=0)
     json_mode: bool = Field(True, description="ask for response_format=json_object (dropped if the server rejects it)")
-    fallback: bool = Field(False, description="unreachable endpoint at startup: warn and use the heuristic instead of failing")
+    fallback: bool = Field(True, description="when the LLM fails (unreachable at startup, HTTP errors, invalid replies "
+                           "after the re-asks) answer with the heuristic and record why; False stops with one line")
     seed: int | None = None
     history_rows: int = Field(40, ge=1)
 
@@ -179,6 +180,12 @@ class LLMClient:
             log.warning("%s; falling back to the heuristic strategist", problem)
             return problem
         raise LLMUnavailable(problem)
+
+    def allow_fallback(self, reason: str) -> None:
+        """Called before answering with the heuristic: with fallback disabled, any LLM failure stops the
+        run with one line (:class:`LLMUnavailable`) instead."""
+        if not self.config.fallback:
+            raise LLMUnavailable(f"{reason} (LLM fallback is disabled)")
 
     # -- the validated-reply loop --------------------------------------------------------------
     def _create(self, messages: list[dict[str, str]], notes: list[str]):

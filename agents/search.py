@@ -31,6 +31,7 @@ from typing import Any, Callable, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from agents.history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
+from agents.llm_client import LLMUnavailable
 from agents.master import MasterAgent
 from agents.profiling import ProfileSummary
 from agents.safety import SafetyValidator, Verdict
@@ -341,6 +342,8 @@ def _propose_candidate(ctx: StrategyContext, strategist: Strategist, heuristic: 
         proposal = strategist.propose(ctx)
     except StrategiesExhausted as exc:
         return None, str(exc)
+    except LLMUnavailable:  # the LLM failed and falling back is disabled: the run stops, as asked
+        raise
     except Exception as exc:  # noqa: BLE001 - a strategist bug must not end the search
         if strategist is heuristic:
             raise

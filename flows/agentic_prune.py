@@ -28,6 +28,7 @@ from agents.search import (
 )
 from agents.strategists import HeuristicStrategist, LLMConfig, LLMStrategist, Strategist
 from flows._report import Progress, artifact_key, failure_recorded, publish_png, publish_table, run_scope
+from pruning.artifacts import RunLease
 from pruning.errors import UserError
 from pruning.measure.report import accuracy_plot_png, mac_plot_png, markdown_table
 from pruning.plan import PruningPlan
@@ -98,18 +99,19 @@ def agentic_prune(config: RunConfig | None = None) -> RunSummary:
     the last one stopped. A user mistake found on the way fails the run with one line (no traceback).
     """
     try:
-        return _prune_run(config or RunConfig())
+        config = (config or RunConfig()).shareable().with_fingerprints()
+        with steps.run_lease(config, config.resolved_run_id()) as lease:  # one process per run at a time
+            return _prune_run(config, lease)
     except UserError as exc:
         return quiet_failure(exc)
 
 
-def _prune_run(config: RunConfig) -> RunSummary:
+def _prune_run(config: RunConfig, lease: RunLease) -> RunSummary:
     """The body of :func:`agentic_prune`."""
     log = get_run_logger()
     for name in ("agents", "pruning", "tasks"):  # their INFO lines reach the flow log (PREFECT_LOGGING_EXTRA_LOGGERS)
         if logging.getLogger(name).level == logging.NOTSET:
             logging.getLogger(name).setLevel(logging.INFO)
-    config = config.shareable()
     info = run_tasks.open_run(config)
     run_id = info.run_id
     log.info("run %s in %s (%s, %d revisions already persisted)", run_id, info.store,
@@ -128,11 +130,12 @@ def _prune_run(config: RunConfig) -> RunSummary:
             band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,
                                                                     round_to=config.round_to),
             baseline_accuracy=baseline.val_accuracy, seed=config.seed,
-            candidates_per_revision=config.candidates_per_revision), history)
+            candidates_per_revision=config.candidates_per_revision), history, lease)
         log.info("search stopped: %s; best revision %s candidate %s", result.stop_reason, result.best_revision,
                  result.best_candidate)
         final = latency_md = None
         if result.best is not None and result.best_in_band:
+            lease.check()
             final = run_tasks.finalize(config, run_id, result.best)
             log.info("final model (revision %d candidate %d): test acc %.4f (inline %.4f, baseline %.4f)",
                      final.revision, result.best.candidate, final.test_accuracy, final.inline_test_accuracy,
@@ -146,7 +149,7 @@ def _prune_run(config: RunConfig) -> RunSummary:
 
 
 def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
-            history: list[RevisionRecord]) -> SearchResult:
+            history: list[RevisionRecord], lease: RunLease) -> SearchResult:
     """The revision loop of Algorithm 1 (lines 4-20), each step a task; persisted records are not redone."""
     log = get_run_logger()
     strategist, validator = _strategist(config), SafetyValidator(dataset=config.data)
@@ -172,6 +175,7 @@ def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
                 config, run_id, plan, slot.revision, validator, slot.candidate))
             evaluated, seconds = finetune_candidates(to_finetune, lambda items: _finetune(config, run_id, runner, items))
             for record in record_revision(step, evaluated, seconds, master, context):
+                lease.check()  # a process that stalled past its lease must not write over the new holder
                 run_tasks.persist_record(config, run_id, record)
                 history.append(record)
                 _log_record(log, record)

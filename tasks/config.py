@@ -66,6 +66,11 @@ class RunConfig(BaseModel):
     store: str = Field("runs", description="local directory or s3://bucket/prefix (endpoint from AWS_ENDPOINT_URL)")
     run_id: str | None = Field(None, description="None = derived from this config, so re-running resumes")
     seed: int = Field(0, description="seeds calibration, fine-tuning and the strategist")
+    # -- what the inputs contained (filled in by with_fingerprints() at the start of every run) ----------------
+    checkpoint_sha256: str | None = Field(None, description="sha256 of the checkpoint file: a changed checkpoint "
+                                          "is a new run, never a stale resume")
+    data_fingerprint: str | None = Field(None, description="digest of the ImageFolder's file names and sizes "
+                                         "(not mtimes, so a copy on another machine resumes the same run)")
 
     @field_validator("target_macs", mode="before")
     @classmethod
@@ -108,7 +113,26 @@ class RunConfig(BaseModel):
                                        "task_runner", "finetune_deployment"})
         if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
             out.pop("candidates_per_revision")
+        for name in ("checkpoint_sha256", "data_fingerprint"):  # None (no checkpoint, digits) keeps them too
+            if out[name] is None:
+                out.pop(name)
         return out
+
+    def with_fingerprints(self) -> "RunConfig":
+        """This config with ``checkpoint_sha256`` and ``data_fingerprint`` computed from the inputs as they are
+        now (always recomputed: a value carried over from an earlier run or a deployment's parameters may be
+        stale)."""
+        from pruning.artifacts import file_sha256
+        from pruning.train.data import data_fingerprint
+
+        sha = None
+        if self.checkpoint:
+            try:
+                sha = file_sha256(os.path.expanduser(self.checkpoint))
+            except OSError as exc:
+                raise UserError(f"cannot read checkpoint {self.checkpoint} ({exc.strerror or type(exc).__name__})"
+                                ) from None
+        return self.model_copy(update={"checkpoint_sha256": sha, "data_fingerprint": data_fingerprint(self.data)})
 
     def shareable(self) -> "RunConfig":
         """The same config with a local store as an absolute path, so other processes (workers, served runs)

@@ -23,7 +23,7 @@ from agents.history import RevisionRecord
 from agents.profiling import ProfileSummary, build_profile
 from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured
-from pruning.artifacts import ArtifactStore, open_store, runs
+from pruning.artifacts import ArtifactStore, RunLease, open_store, runs
 from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
 from pruning.errors import UserError
 from pruning.models import ModelSpec, load_model, load_weights
@@ -139,6 +139,11 @@ def get_context(config: RunConfig, run_id: str) -> RunContext:
 # ----------------------------------------------------------------------------------------------
 # steps
 # ----------------------------------------------------------------------------------------------
+def run_lease(config: RunConfig, run_id: str) -> RunLease:
+    """The run's lease: enter it to hold ``run_id`` (a second process on the same run stops with one line)."""
+    return RunLease(open_store(config.store), run_id)
+
+
 def open_run(config: RunConfig) -> RunInfo:
     """Check the store is reachable and writable, then create the run or find it for resuming."""
     store = open_store(config.store)
@@ -149,6 +154,11 @@ def open_run(config: RunConfig) -> RunInfo:
     if store.exists(cfg_key):
         stored = store.get_json(cfg_key)
         differs = {k for k in config.identity() if stored.get(k) != safe.get(k)}
+        changed = differs & {"checkpoint_sha256", "data_fingerprint"}
+        if changed:
+            what = " and ".join(("the checkpoint file" if k == "checkpoint_sha256" else "the data") for k in sorted(changed))
+            raise UserError(f"{what} changed since run {run_id} started; its results would be stale: start a new "
+                            "run (without --run-id, or with another one)")
         if differs:
             raise UserError(f"run {run_id} exists with a different configuration ({', '.join(sorted(differs))}); "
                              "pass another --run-id")

@@ -198,7 +198,8 @@ def test_duplicate_llm_plan_is_replaced(server, cnn):
 def test_unreachable_endpoint_fails_at_startup(cnn):
     calls = []
     bridge, ctx = cnn
-    bad = LLMStrategist(LLMConfig(base_url="http://127.0.0.1:9/v1", model="test-model", timeout=1, http_retries=0))
+    bad = LLMStrategist(LLMConfig(base_url="http://127.0.0.1:9/v1", model="test-model", timeout=1, http_retries=0),
+                        fallback=False)
     with pytest.raises(LLMUnavailable, match="unreachable"):
         run_search(ctx, bad, SafetyValidator(), MasterAgent(max_revisions=1), lambda p, s: calls.append(p))
     assert calls == []  # nothing was pruned
@@ -216,12 +217,25 @@ def test_unreachable_endpoint_with_fallback_warns_and_records(cnn):
 
 def test_model_not_served_is_a_clear_startup_error():
     with ScriptedLLMServer(models=["other-model"]) as srv:
-        s = LLMStrategist(LLMConfig(base_url=srv.base_url, model="test-model", timeout=1))
+        s = LLMStrategist(LLMConfig(base_url=srv.base_url, model="test-model", timeout=1), fallback=False)
         with pytest.raises(LLMUnavailable, match="'test-model' is not served"):
             s.check()
-    s = LLMStrategist(LLMConfig(base_url="http://127.0.0.1:9/v1"))
+    s = LLMStrategist(LLMConfig(base_url="http://127.0.0.1:9/v1"), fallback=False)
     with pytest.raises(LLMUnavailable, match="no LLM model configured"):
         s.check()
+
+
+@pytest.mark.parametrize("reply", ["http500", "garbage"])
+def test_no_fallback_stops_on_any_llm_failure(cnn, reply):
+    """With fallback disabled, an HTTP error or persistently invalid output ends the search with one line."""
+    with ScriptedLLMServer() as srv:
+        for _ in range(4):
+            srv.push(Reply.error(500, "boom") if reply == "http500" else Reply.text("no json here"))
+        s = LLMStrategist(LLMConfig(base_url=srv.base_url, model="test-model", timeout=2, http_retries=0),
+                          fallback=False)
+        with pytest.raises(LLMUnavailable, match="fallback is disabled") as err:
+            search(cnn, s, revisions=1)
+    assert "\n" not in str(err.value)
 
 
 def test_check_without_models_route_pings_chat():
@@ -232,7 +246,7 @@ def test_check_without_models_route_pings_chat():
         assert srv.requests[1].body["max_tokens"] == 1
         srv.push(Reply.error(503, "overloaded"))
         with pytest.raises(LLMUnavailable, match="HTTP 503"):
-            LLMStrategist(LLMConfig(base_url=srv.base_url, model="test-model", timeout=1)).check()
+            LLMStrategist(LLMConfig(base_url=srv.base_url, model="test-model", timeout=1), fallback=False).check()
 
 
 def test_api_key_only_in_header_never_stored_or_logged(monkeypatch, cnn, tmp_path, caplog):

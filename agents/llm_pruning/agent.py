@@ -221,6 +221,7 @@ class LLMPruneStrategist(PruneStrategist):
 
     def _prune_fallback(self, state: AgentState, reason: str, raw: list[str], notes: list[str], attempts: int,
                         t0: float) -> PruneProposal:
+        self.llm.allow_fallback(f"iteration {state.iteration}: {reason}")
         log.warning("iteration %d: LLM prune agent falls back to heuristic: %s", state.iteration, reason)
         prop = self.fallback_strategist.propose(state)
         return prop.model_copy(update={

@@ -49,6 +49,7 @@ class LLMStrategist(Strategist):
     # -- proposal ------------------------------------------------------------------------------
     def _fallback(self, ctx: StrategyContext, reason: str, raw: list[str], notes: list[str], attempts: int,
                   t0: float) -> Proposal:
+        self.llm.allow_fallback(f"revision {ctx.revision}: {reason}")
         log.warning("revision %d: LLM strategist falls back to heuristic: %s", ctx.revision, reason)
         prop = self.fallback_strategist.propose(ctx)
         return prop.model_copy(update={

@@ -8,6 +8,7 @@ from pruning.artifacts.base import (  # noqa: F401
     ArtifactStore,
     StoreConfig,
     available_schemes,
+    file_sha256,
     open_store,
     register_store,
     sha256_hex,
@@ -23,5 +24,6 @@ from pruning.artifacts.errors import (  # noqa: F401
     StoreUnreachable,
     is_transient_store_error,
 )
+from pruning.artifacts.lease import LeaseLost, RunBusy, RunLease  # noqa: F401
 from pruning.artifacts.local import LocalStore  # noqa: F401  (registers "" and "file")
 from pruning.artifacts.s3 import S3Store  # noqa: F401  (registers "s3")

@@ -13,15 +13,25 @@ Every checkpoint, report and decision of a pruning run is written through an
     store.check()                                       # fail fast, one-line error
 
 Integrity: every ``put_*`` also writes a sidecar ``<key>.sha256`` (``sha256sum``
-format), and every ``get_*`` verifies the bytes against the sidecar when it is
-present and against an explicit ``sha256=`` argument when given; a mismatch
+format), and every ``get_*`` verifies the bytes against the sidecar and against an
+explicit ``sha256=`` argument when given; a mismatch, or an object without a sidecar,
 raises :class:`ChecksumMismatch`.  Writes are atomic (temp file + ``os.replace``
-locally, a single PUT / completed multipart upload on S3).  A key and its
-sidecar are two objects, so a crash between the two writes is reported as a
-checksum mismatch on the next read, never silently accepted.
+locally, a single PUT / completed multipart upload on S3).
+
+Crash consistency: a key and its sidecar are two objects, so they are written in an
+order that a crash anywhere cannot turn into a false alarm.  First a *pending* sidecar
+that accepts both the new and the previous digest, then the object, then the final
+sidecar with the new digest only (skipped when equal to the pending one).  A process
+killed between any two of these writes leaves the key readable as either its old or its
+new content, both verified; flipped bytes match neither and are still refused.
 
 Concurrency: one writer per key.  ``append_jsonl`` is a read-modify-write,
-serialised within one store object (thread lock) but not across processes.
+serialised within one store object (thread lock) but not across processes; a run's
+lease (:mod:`pruning.artifacts.lease`) keeps a second process off the same run.
+The conditional primitives (:meth:`ArtifactStore.create_if_absent`,
+:meth:`ArtifactStore.read_versioned`, :meth:`ArtifactStore.replace_if`) are what the
+lease is built on: exclusive create and compare-and-swap (S3 ``If-None-Match`` /
+``If-Match``; a link + file lock locally).
 
 Errors are :class:`StoreError` subclasses with one-line messages that never
 contain secrets; :func:`is_transient_store_error` tells retry logic (e.g. a
@@ -46,13 +56,14 @@ from typing import Any, Callable, ClassVar, TypeVar
 
 from pydantic import BaseModel, Field
 
-from pruning.artifacts.errors import ChecksumMismatch, KeyNotFound, StoreError
+from pruning.artifacts.errors import BucketNotFound, ChecksumMismatch, KeyNotFound, StoreError
 
 __all__ = [
     "ArtifactStore",
     "StoreConfig",
     "SIDECAR_SUFFIX",
     "available_schemes",
+    "file_sha256",
     "open_store",
     "register_store",
     "sha256_hex",
@@ -72,7 +83,8 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_sha256(path: str | os.PathLike[str]) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
@@ -116,22 +128,23 @@ def _sidecar_text(digest: str, key: str) -> bytes:
     return f"{digest}  {key.rsplit('/', 1)[-1]}\n".encode()
 
 
-def _parse_sidecar(raw: bytes, key: str) -> str:
-    token = raw.decode("ascii", errors="replace").strip().split(maxsplit=1)
-    digest = token[0].lower() if token else ""
-    if not _HEX64.match(digest):
+def _sidecar_lines(digests: list[str], key: str) -> bytes:
+    """The committed digest first; a pending sidecar adds the digests it still accepts."""
+    return b"".join(_sidecar_text(d, key) for d in digests)
+
+
+def _parse_sidecar(raw: bytes, key: str) -> list[str]:
+    """Digests a sidecar accepts (the first is the newest)."""
+    lines = raw.decode("ascii", errors="replace").splitlines()
+    digests = [ln.split(maxsplit=1)[0].lower() for ln in lines if ln.strip()]
+    if not digests or not all(_HEX64.match(d) for d in digests):
         raise ChecksumMismatch(f"checksum sidecar for key '{key}' is malformed")
-    return digest
+    return digests
 
 
 def _drop_sidecars(keys: list[str]) -> list[str]:
-    """Hide ``<key>.sha256`` entries whose ``<key>`` is also listed."""
-    present = set(keys)
-    return sorted(
-        k
-        for k in keys
-        if not (k.endswith(SIDECAR_SUFFIX) and k[: -len(SIDECAR_SUFFIX)] in present)
-    )
+    """Hide ``<key>.sha256`` sidecars (also the orphan of a write that crashed before its object)."""
+    return sorted(k for k in keys if not k.endswith(SIDECAR_SUFFIX))
 
 
 # --------------------------------------------------------------------------- registry
@@ -271,6 +284,18 @@ class ArtifactStore(abc.ABC):
         """Download ``key`` into ``dest`` (a temp path next to the final one)."""
 
     @abc.abstractmethod
+    def _raw_create(self, key: str, data: bytes) -> bool:
+        """Write ``key`` only if absent, atomically; False when it exists."""
+
+    @abc.abstractmethod
+    def _raw_get_versioned(self, key: str) -> tuple[bytes, str]:
+        """The bytes and a version token (ETag, content hash) for :meth:`_raw_replace_if`."""
+
+    @abc.abstractmethod
+    def _raw_replace_if(self, key: str, data: bytes, version: str) -> bool:
+        """Replace ``key`` only if it is still at ``version``; False when it changed or vanished."""
+
+    @abc.abstractmethod
     def url_for(self, key: str) -> str:
         """Human-readable location of ``key`` (a file path or s3://bucket/key)."""
 
@@ -294,9 +319,28 @@ class ArtifactStore(abc.ABC):
         validate_key(key)
         data = bytes(data)
         digest = sha256_hex(data)
-        self._raw_put(key, data)
-        self._raw_put(key + SIDECAR_SUFFIX, _sidecar_text(digest, key))
+        self._write_checked(key, digest, lambda: self._raw_put(key, data))
         return digest
+
+    def _write_checked(self, key: str, digest: str, write: Callable[[], None]) -> None:
+        """Pending sidecar (new + previous digests), the object, the final sidecar: crash-safe in any order."""
+        previous = self._sidecar_digests(key) or []
+        pending = [digest] + [d for d in previous if d != digest][:3]
+        if previous != pending:
+            self._raw_put(key + SIDECAR_SUFFIX, _sidecar_lines(pending, key))
+        write()
+        if pending != [digest]:
+            self._raw_put(key + SIDECAR_SUFFIX, _sidecar_lines([digest], key))
+
+    def _sidecar_digests(self, key: str) -> list[str] | None:
+        try:
+            raw = self._raw_get(key + SIDECAR_SUFFIX)
+        except (KeyNotFound, BucketNotFound):  # a missing bucket is created by the write (create_bucket=True)
+            return None
+        try:
+            return _parse_sidecar(raw, key)
+        except ChecksumMismatch:
+            return None  # a malformed sidecar is replaced by the next write
 
     def get_bytes(self, key: str, sha256: str | None = None) -> bytes:
         """Return the bytes under ``key``, verified against the sidecar (when present)
@@ -331,20 +375,35 @@ class ArtifactStore(abc.ABC):
             raw = self._raw_get(key + SIDECAR_SUFFIX)
         except KeyNotFound:
             return None
-        return _parse_sidecar(raw, key)
+        return _parse_sidecar(raw, key)[0]
 
     def _verify(self, key: str, actual: str, expected: str | None) -> None:
+        where = f"key '{key}' at {self.url_for(key)}"
         if expected is not None and actual != expected:
-            raise ChecksumMismatch(
-                f"checksum mismatch for key '{key}' at {self.url_for(key)}: "
-                f"expected sha256 {expected[:12]}…, got {actual[:12]}…"
-            )
-        recorded = self.stored_sha256(key)
-        if recorded is not None and recorded != actual:
-            raise ChecksumMismatch(
-                f"checksum mismatch for key '{key}' at {self.url_for(key)}: "
-                f"sidecar says sha256 {recorded[:12]}…, content is {actual[:12]}… (corrupted or partially written)"
-            )
+            raise ChecksumMismatch(f"checksum mismatch for {where}: expected sha256 {expected[:12]}…, "
+                                   f"got {actual[:12]}…")
+        try:
+            raw = self._raw_get(key + SIDECAR_SUFFIX)
+        except KeyNotFound:
+            raise ChecksumMismatch(f"{where} has no checksum sidecar ({key}{SIDECAR_SUFFIX} was deleted, or the "
+                                   "object was written outside agentic-pruner); refusing to use it") from None
+        accepted = _parse_sidecar(raw, key)
+        if actual not in accepted:
+            raise ChecksumMismatch(f"checksum mismatch for {where}: sidecar says sha256 {accepted[0][:12]}…, "
+                                   f"content is {actual[:12]}… (corrupted or modified)")
+
+    # ---- conditional writes (small control objects such as a run's lease; no sidecar)
+    def create_if_absent(self, key: str, data: bytes) -> bool:
+        """Atomically create ``key``; False if it already exists (exactly one of two racing writers wins)."""
+        return self._raw_create(validate_key(key), bytes(data))
+
+    def read_versioned(self, key: str) -> tuple[bytes, str]:
+        """``key``'s bytes and a version token for :meth:`replace_if`; raises KeyNotFound."""
+        return self._raw_get_versioned(validate_key(key))
+
+    def replace_if(self, key: str, data: bytes, version: str) -> bool:
+        """Compare-and-swap: replace ``key`` only if nobody changed it since ``read_versioned``."""
+        return self._raw_replace_if(validate_key(key), bytes(data), version)
 
     # ---- convenience
     def put_json(self, key: str, obj: Any, *, indent: int | None = 2) -> str:
@@ -390,9 +449,8 @@ class ArtifactStore(abc.ABC):
         """Upload the local file ``path`` to ``key`` (+ sidecar); return sha256."""
         validate_key(key)
         src = Path(path)
-        digest = _file_sha256(src)
-        self._raw_put_file(key, src)
-        self._raw_put(key + SIDECAR_SUFFIX, _sidecar_text(digest, key))
+        digest = file_sha256(src)
+        self._write_checked(key, digest, lambda: self._raw_put_file(key, src))
         return digest
 
     def get_file(self, key: str, path: str | os.PathLike[str], sha256: str | None = None) -> Path:
@@ -406,7 +464,7 @@ class ArtifactStore(abc.ABC):
         tmp = Path(tmp_name)
         try:
             self._raw_get_file(key, tmp)
-            self._verify(key, _file_sha256(tmp), expected)
+            self._verify(key, file_sha256(tmp), expected)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

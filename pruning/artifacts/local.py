@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote
 
-from pruning.artifacts.base import _CHUNK, ArtifactStore, _scheme_of, register_store, validate_key
+from pruning.artifacts.base import _CHUNK, ArtifactStore, _scheme_of, register_store, sha256_hex, validate_key
 from pruning.artifacts.errors import KeyNotFound, StoreAuthError, StoreError
 
 __all__ = ["LocalStore"]
@@ -87,7 +88,8 @@ class LocalStore(ArtifactStore):
             return StoreAuthError(f"permission denied to {what} in local store {self.root} ({reason})")
         return StoreError(f"cannot {what} in local store {self.root} ({reason})")
 
-    def _write_atomic(self, dest: Path, writer: Callable[[Any], None]) -> None:
+    def _write_atomic(self, dest: Path, writer: Callable[[Any], None], exclusive: bool = False) -> bool:
+        """Write a temp file and move it into place (``exclusive``: hard-link, so an existing ``dest`` wins)."""
         try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
@@ -100,7 +102,15 @@ class LocalStore(ArtifactStore):
                 if self.fsync:
                     os.fsync(fh.fileno())
             os.chmod(tmp, _FILE_MODE)
-            os.replace(tmp, dest)
+            if exclusive:
+                os.link(tmp, dest)
+            else:
+                os.replace(tmp, dest)
+            return True
+        except FileExistsError:
+            if exclusive:
+                return False
+            raise
         except OSError as exc:
             raise self._oserror(exc, f"write '{dest.relative_to(self.root).as_posix()}'") from exc
         finally:
@@ -116,6 +126,32 @@ class LocalStore(ArtifactStore):
                 shutil.copyfileobj(src, fh, _CHUNK)
 
         self._write_atomic(self._path(key), copy)
+
+    def _raw_create(self, key: str, data: bytes) -> bool:
+        return self._write_atomic(self._path(key), lambda fh: fh.write(data), exclusive=True)
+
+    def _raw_get_versioned(self, key: str) -> tuple[bytes, str]:
+        data = self._raw_get(key)
+        return data, sha256_hex(data)
+
+    def _raw_replace_if(self, key: str, data: bytes, version: str) -> bool:
+        dest = self._path(key)
+        try:  # compare and swap under an advisory lock shared by every process on this file system
+            lock = os.open(dest.parent / f".{dest.name}.cas.tmp", os.O_CREAT | os.O_RDWR, 0o600)
+        except OSError as exc:
+            raise self._oserror(exc, f"lock '{key}'") from exc
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self._raw_get(key)
+            except KeyNotFound:
+                return False
+            if sha256_hex(current) != version:
+                return False
+            self._raw_put(key, data)
+            return True
+        finally:
+            os.close(lock)
 
     def _raw_get(self, key: str) -> bytes:
         p = self._path(key)

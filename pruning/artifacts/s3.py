@@ -304,6 +304,31 @@ class S3Store(ArtifactStore):
             "upload_file", key, lambda: self._client.upload_file(str(path), self.bucket, full, Config=cfg)
         )
 
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
+        from botocore import exceptions as bce
+
+        full = self._full_key(key)
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=full, Body=data, **condition)
+            return True
+        except bce.ClientError as exc:
+            code, status = _client_error_code(exc)
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+                return False
+            raise self._map_error(exc, "put_object", key) from exc
+        except bce.BotoCoreError as exc:
+            raise self._map_error(exc, "put_object", key) from exc
+
+    def _raw_create(self, key: str, data: bytes) -> bool:
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def _raw_get_versioned(self, key: str) -> tuple[bytes, str]:
+        resp = self._call("get_object", key, Bucket=self.bucket, Key=self._full_key(key))
+        return resp["Body"].read(), resp["ETag"]
+
+    def _raw_replace_if(self, key: str, data: bytes, version: str) -> bool:
+        return self._conditional_put(key, data, IfMatch=version)
+
     def _raw_get(self, key: str) -> bytes:
         from botocore import exceptions as bce
 

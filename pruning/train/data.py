@@ -305,6 +305,65 @@ def _check_split_dir(split_dir: Path, root: Path) -> list[str]:
     return classes
 
 
+def _imagefolder_root(spec: str) -> Path:
+    raw = spec[len(IMAGEFOLDER_PREFIX):].strip()
+    if not raw:
+        raise DataError("imagefolder spec needs a path: 'imagefolder:PATH'")
+    root = Path(raw).expanduser()
+    if not root.exists():
+        raise DataError(f"ImageFolder path does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"ImageFolder path is not a directory: {root}")
+    return root
+
+
+def _imagefolder_layout(spec: str) -> tuple[Path, list[str], bool]:
+    """Check an ImageFolder's layout (train/ and val/ with the same non-empty class folders, optional test/);
+    return its root, class names and whether it has a test/ split. Reads no image."""
+    root = _imagefolder_root(spec)
+    train_classes = _check_split_dir(root / "train", root)
+    val_classes = _check_split_dir(root / "val", root)
+    if val_classes != train_classes:
+        raise DataError(
+            f"ImageFolder {root}: val/ classes {val_classes[:5]}... differ from train/ classes {train_classes[:5]}..."
+        )
+    has_test = (root / "test").is_dir()
+    if has_test and _check_split_dir(root / "test", root) != train_classes:
+        raise DataError(f"ImageFolder {root}: test/ classes differ from train/ classes")
+    return root, train_classes, has_test
+
+
+def data_num_classes(spec: str) -> int:
+    """The class count of a data spec, from its layout alone (the pre-flight check of a run)."""
+    if _scheme(spec) == "digits":
+        return 10
+    return len(_imagefolder_layout(spec)[1])
+
+
+def data_fingerprint(spec: str) -> str | None:
+    """Digest of an ImageFolder's relative file names and sizes (None for the embedded digits).
+
+    Modification times are left out on purpose: a copy of the same data on another machine (a resumed
+    spot instance) has the same fingerprint; a renamed, added, removed or resized file changes it.
+    """
+    import hashlib
+
+    if _scheme(spec) == "digits":
+        return None
+    root = _imagefolder_root(spec)
+    h = hashlib.sha256()
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        dirnames.sort()
+        rel = Path(dirpath).relative_to(root).as_posix()
+        for name in sorted(files):
+            try:
+                size = os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+            h.update(f"{rel}/{name}\0{size}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _timm_data_config(model: nn.Module | None, input_size: int | None) -> dict[str, Any]:
     from timm.data import resolve_data_config
 
@@ -321,27 +380,7 @@ def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataSplit
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
-    raw = config.spec[len(IMAGEFOLDER_PREFIX):].strip()
-    if not raw:
-        raise DataError("imagefolder spec needs a path: 'imagefolder:PATH'")
-    root = Path(raw).expanduser()
-    if not root.exists():
-        raise DataError(f"ImageFolder path does not exist: {root}")
-    if not root.is_dir():
-        raise DataError(f"ImageFolder path is not a directory: {root}")
-
-    train_classes = _check_split_dir(root / "train", root)
-    val_classes = _check_split_dir(root / "val", root)
-    if val_classes != train_classes:
-        raise DataError(
-            f"ImageFolder {root}: val/ classes {val_classes[:5]}... differ from train/ classes {train_classes[:5]}..."
-        )
-    has_test = (root / "test").is_dir()
-    if has_test:
-        test_classes = _check_split_dir(root / "test", root)
-        if test_classes != train_classes:
-            raise DataError(f"ImageFolder {root}: test/ classes differ from train/ classes")
-
+    root, train_classes, has_test = _imagefolder_layout(config.spec)
     cfg = _timm_data_config(model, config.input_size)
     train_tf = create_transform(**cfg, is_training=config.augment)
     eval_tf = create_transform(**cfg, is_training=False)
