@@ -3,6 +3,7 @@ from the parsed flags. Imported by ``cli``, ``search_cli`` and ``llm_cli`` (neve
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -16,8 +17,54 @@ class CliError(UserError):
     """A user mistake found by the command line itself: printed as one line, exit code 2."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <command>: <what>`` (exit 2), the usage only with ``-h``."""
+
+    def error(self, message: str):
+        log(f"error: {self.prog}: {message} (see {self.prog} -h)")
+        raise SystemExit(EXIT_USAGE)
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def llm_url(url: str | None) -> str | None:
+    """``--llm-base-url``: credentials in it go to this process's environment only; configs store it redacted."""
+    from pruning.redact import has_credentials
+
+    if has_credentials(url):
+        os.environ["AGENTIC_PRUNER_LLM_BASE_URL"] = url
+    return url
+
+
+def output_file(text: str) -> Path:
+    """argparse ``type`` of an output file: not a directory, and under a directory that exists or can be made."""
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a directory; give a file path inside it")
+    _creatable(path.parent)
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """argparse ``type`` of an output directory: not an existing file, and creatable."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file, not a directory")
+    _creatable(path)
+    return path
+
+
+def _creatable(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` is a writable directory."""
+    probe = path.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {path}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write under {probe} (permission denied)")
 
 
 def kv_floats(items: list[str] | None, flag: str) -> dict[str, float]:
@@ -57,7 +104,8 @@ def add_plan_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_band_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--target-macs", required=required, help="MAC budget per image, e.g. 2.06G or 500M")
+    p.add_argument("--target-macs", required=required,
+                   help="MAC budget per image: absolute (2.06G, 500M) or relative to the model (50%%)")
     p.add_argument("--overshoot", type=float, default=5.0, help="allowed %% above target (default 5)")
     p.add_argument("--undershoot", type=float, default=15.0, help="allowed %% below target (default 15)")
 
@@ -91,9 +139,15 @@ def plan_from_args(args):
                        kind_multipliers=kv_floats(args.kind_mult, "--kind-mult"))
 
 
-def band_from_args(args):
-    from pruning.solver import MacBand
-    from pruning.units import parse_macs
+def band_from_args(args, model=None, example=None):
+    """The MAC band of ``--target-macs`` (absolute, or ``N%`` of ``model``'s MACs at ``example``'s size).
 
-    return MacBand(target_macs=parse_macs(args.target_macs), overshoot_pct=args.overshoot,
-                   undershoot_pct=args.undershoot)
+    Without a model a relative target is only checked for its form (malformed input fails before any work)."""
+    from pruning.solver import MacBand
+    from pruning.space import count_macs_params
+    from pruning.units import parse_target
+
+    absolute, fraction = parse_target(args.target_macs)
+    if absolute is None:
+        absolute = count_macs_params(model, example)[0] * fraction if model is not None else 1.0
+    return MacBand(target_macs=absolute, overshoot_pct=args.overshoot, undershoot_pct=args.undershoot)

@@ -20,12 +20,16 @@ from agentic_pruner._args import (
     EXIT_BUG,
     EXIT_USAGE,
     CliError,
+    Parser,
     add_band_args,
     add_model_args,
     add_plan_args,
     band_from_args,
+    llm_url,
     load_model_from_args,
     log,
+    output_dir,
+    output_file,
     plan_from_args,
 )
 from pruning.errors import UserError, first_line
@@ -78,11 +82,12 @@ def cmd_solve(args) -> int:
         return _solve_latency(args)
     if args.round_to is None:
         args.round_to = 8
-    band = band_from_args(args)
+    band_from_args(args)  # malformed numbers fail before any work
     plan = plan_from_args(args)
     if plan.importance == "taylor":
         raise CliError("taylor importance needs calibration data; use 'agentic-pruner run --data ...' or pick l1/l2")
     spec, model, size, example = load_model_from_args(args)
+    band = band_from_args(args, model, example)
     t0 = time.perf_counter()
     log(f"solving for {fmt_macs(band.target_macs)} MACs (+{band.overshoot_pct}% / -{band.undershoot_pct}%)")
     pruned, result, space = prune_to_target(model, example, plan, band, seed=args.seed)
@@ -225,7 +230,7 @@ def _run_config(args):
     return RunConfig(
         model=args.model, checkpoint=args.checkpoint, num_classes=args.num_classes, pretrained=args.pretrained,
         data=args.data, input_size=args.input_size, target_macs=args.target_macs, overshoot_pct=args.overshoot,
-        undershoot_pct=args.undershoot, strategist=args.strategist, llm_base_url=args.llm_base_url,
+        undershoot_pct=args.undershoot, strategist=args.strategist, llm_base_url=llm_url(args.llm_base_url),
         llm_model=args.llm_model, llm_fallback=not args.no_llm_fallback, max_revisions=args.max_revisions,
         extra_revisions=args.extra_revisions, importance=args.importance, round_to=args.round_to,
         calibration_batches=args.calibration_batches, inline_epochs=args.inline_epochs,
@@ -235,21 +240,14 @@ def _run_config(args):
     )
 
 
-def _check_before_work(config) -> None:
-    """What can be known before the flow starts fails here, with one line and nothing written."""
-    from pruning.artifacts import open_store
+def _check_before_work(config):
+    """What can be known before the flow starts fails here, with one line and nothing written; returns the
+    config as the flow will see it (see :func:`tasks.preflight.preflight`)."""
+    from tasks.preflight import preflight
 
     if config.checkpoint and not Path(config.checkpoint).is_file():
         raise CliError(f"checkpoint not found: {config.checkpoint}")
-    if config.target_macs and not config.target_macs.endswith("%"):
-        from pruning.units import parse_macs
-
-        parse_macs(config.target_macs)  # malformed numbers fail before any work
-    open_store(config.store).check()  # unreachable storage / wrong credentials fail before any work
-    if not config.finetune_deployment:
-        from tasks.runners import check_reachable
-
-        check_reachable(config.task_runner)  # an unreachable cluster too
+    return preflight(config)
 
 
 def _execute(config) -> int:
@@ -257,7 +255,7 @@ def _execute(config) -> int:
     from flows.agentic_prune import agentic_prune
     from pruning.artifacts import open_store
 
-    _check_before_work(config)
+    config = _check_before_work(config)
     summary = agentic_prune(config)
     store = open_store(config.store)
     print()
@@ -365,7 +363,7 @@ def cmd_serve(args) -> int:
     from flows.agentic_prune import agentic_prune
 
     config = _run_config(args).shareable()
-    _check_before_work(config)
+    _check_before_work(config)  # the deployment's parameters stay as given: every run fingerprints its inputs
     log(f"serving deployment 'agentic-prune/{args.name}'" + (f" on cron '{args.cron}'" if args.cron else "")
         + f" (store {config.store}); Ctrl-C stops it")
     # limit=1: a run still going when the next one is due makes it wait, never two runs of one id at once
@@ -408,7 +406,7 @@ def _register_flow_commands(sub) -> None:
 
 # ----------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentic-pruner", description=__doc__.splitlines()[0])
+    parser = Parser(prog="agentic-pruner", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="print the full traceback of any error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -416,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--top", type=int, default=10, help="layers to list")
     p.add_argument("--json", action="store_true", help="print the full profile as JSON")
-    p.add_argument("--csv-dir", type=Path, help="also write layers/stages/groups CSV tables here")
+    p.add_argument("--csv-dir", type=output_dir, help="also write layers/stages/groups CSV tables here")
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("solve", help="prune a model onto a MAC budget in one shot (or a measured latency budget)")
@@ -434,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--max-probes", type=int, default=8, help="timed measurements of candidates at most, re-measurements included (default 8)")
     lat.add_argument("--latency-runs", type=int, default=20, help="timed runs per measurement (default 20)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--save", type=Path, help="write the pruned-model bundle here")
+    p.add_argument("--save", type=output_file, help="write the pruned-model bundle here")
     p.set_defaults(func=cmd_solve)
 
     _register_flow_commands(sub)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agentic_pruner._args import CliError
+from agentic_pruner._args import CliError, llm_url
 
 
 def _config(args):
@@ -30,7 +30,7 @@ def _config(args):
         model_path=str(Path(args.model_path).expanduser()) if args.model_path else None,
         target_sparsity=args.target_sparsity, rollback_threshold=args.rollback_threshold,
         max_iterations=args.max_iterations, max_layer_sparsity=args.max_layer_sparsity, nm=args.nm,
-        strategist=args.strategist, llm_base_url=args.llm_base_url, llm_model=args.llm_model,
+        strategist=args.strategist, llm_base_url=llm_url(args.llm_base_url), llm_model=args.llm_model,
         llm_fallback=not args.no_llm_fallback, eval_tokens=args.eval_tokens, calib_sequences=args.calib_sequences,
         text_file=args.text, mcq_file=args.mcq, save_dir=args.save, store=args.store, run_id=args.run_id,
         seed=args.seed)

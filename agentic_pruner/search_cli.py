@@ -22,7 +22,15 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from agentic_pruner._args import CliError, add_band_args, add_model_args, band_from_args, load_model_from_args, log
+from agentic_pruner._args import (
+    CliError,
+    add_band_args,
+    add_model_args,
+    band_from_args,
+    load_model_from_args,
+    log,
+    output_file,
+)
 from pruning.units import fmt_macs
 
 #: Columns of the final history table (``history_dataframe`` names).
@@ -96,8 +104,8 @@ def _strategist(args):
 
     if args.strategist == "heuristic":
         return HeuristicStrategist()
-    overrides = {k: v for k, v in {"base_url": args.llm_base_url, "model": args.llm_model}.items() if v}
-    strategist = LLMStrategist(LLMConfig(**overrides), fallback=not args.no_llm_fallback)
+    strategist = LLMStrategist(LLMConfig.for_endpoint(args.llm_base_url, args.llm_model),
+                               fallback=not args.no_llm_fallback)
     with warnings.catch_warnings(record=True) as caught:  # fallback: warn once, as one line
         warnings.simplefilter("always")
         try:
@@ -121,7 +129,7 @@ def cmd_search(args) -> int:
         raise CliError("--extra-revisions must not be negative")
     if args.eval_samples < 1:
         raise CliError("--eval-samples must be at least 1")
-    band = band_from_args(args)  # malformed numbers fail before any work
+    band_from_args(args)  # malformed numbers fail before any work
     strategist = _strategist(args)  # an unusable LLM endpoint fails before any work
     out: Path | None = args.out
     if out is not None:
@@ -129,6 +137,7 @@ def cmd_search(args) -> int:
         out.write_text("")  # a fresh history; unwritable paths fail before any work
     torch.manual_seed(args.seed)
     spec, model, size, example = load_model_from_args(args)
+    band = band_from_args(args, model, example)
     t0 = time.perf_counter()
 
     def on_profile(profile) -> None:
@@ -213,6 +222,6 @@ def register(sub) -> None:
     p.add_argument("--collapse-drop", type=float, default=0.10,
                    help="proxy-accuracy drop below the original (1.0) that counts as a collapse (default 0.10)")
     p.add_argument("--seed", type=int, default=0, help="seeds model init, proxy inputs and the strategist")
-    p.add_argument("--out", type=Path, help="write the history here as JSON lines (one record per revision)")
+    p.add_argument("--out", type=output_file, help="write the history here as JSON lines (one record per revision)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_search)

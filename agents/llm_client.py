@@ -10,9 +10,11 @@ at most ``config.max_retries`` times. Nothing in a reply is ever executed. The c
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from agents.history import truncate
 from agents.schemas import extract_json, format_validation_error
 from pruning.errors import UserError
+from pruning.redact import has_credentials, is_redacted, redact_url
 
 __all__ = ["LLMConfig", "LLMClient", "LLMReply", "LLMUnavailable"]
 
@@ -55,6 +58,22 @@ class LLMConfig(BaseSettings):
                            "after the re-asks) answer with the heuristic and record why; False stops with one line")
     seed: int | None = None
     history_rows: int = Field(40, ge=1)
+
+    @classmethod
+    def for_endpoint(cls, base_url: str | None, model: str | None, **fields: Any) -> "LLMConfig":
+        """Settings for a run's ``--llm-base-url`` / ``--llm-model`` (unset ones come from the environment).
+
+        A URL whose credentials were redacted in the run's config (``http://***@host/v1``) is taken from
+        ``AGENTIC_PRUNER_LLM_BASE_URL`` instead, where the command line put it (and a worker must have it).
+        """
+        if is_redacted(base_url):
+            real = os.environ.get("AGENTIC_PRUNER_LLM_BASE_URL")
+            if not real or redact_url(real) != base_url:
+                raise LLMUnavailable(f"the credentials of LLM URL {base_url} are not stored anywhere; set "
+                                     "AGENTIC_PRUNER_LLM_BASE_URL to the full URL in this process's environment")
+            base_url = real
+        given = {k: v for k, v in {"base_url": base_url, "model": model}.items() if v}
+        return cls(**given, **fields)
 
 
 @dataclass
@@ -119,6 +138,12 @@ class LLMClient:
         key = self._key()
         if text and key and key in text:
             text = text.replace(key, "***")
+        url = self.config.base_url
+        if text and has_credentials(url):  # credentials in the URL: the whole userinfo, and the password alone
+            text = text.replace(url, redact_url(url))
+            password = urlsplit(url).password
+            if password:
+                text = text.replace(password, "***")
         return text
 
     def redacted_raw(self, raw: Sequence[str]) -> str | None:
@@ -132,7 +157,7 @@ class LLMClient:
         if isinstance(exc, openai.APITimeoutError):
             what = f"request timed out after {self.config.timeout:g}s"
         elif isinstance(exc, openai.APIConnectionError):
-            what = f"cannot connect to {self.config.base_url or 'the default endpoint'}"
+            what = f"cannot connect to {redact_url(self.config.base_url) or 'the default endpoint'}"
         elif isinstance(exc, openai.APIStatusError):
             what = f"HTTP {exc.status_code}: {str(getattr(exc, 'message', exc)).splitlines()[0][:160]}"
         else:
@@ -150,7 +175,7 @@ class LLMClient:
             models = self.openai.with_options(max_retries=0).models.list()
             ids = [m.id for m in getattr(models, "data", [])]
             if ids and self.config.model not in ids:
-                return (f"model '{self.config.model}' is not served by {self.config.base_url}; "
+                return (f"model '{self.config.model}' is not served by {redact_url(self.config.base_url)}; "
                         f"available: {', '.join(ids[:10])}")
         except (openai.NotFoundError, openai.APIStatusError) as exc:
             if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError)):

@@ -76,7 +76,7 @@ def _row(r: RevisionRecord) -> dict:
 
 def _strategist(config: RunConfig) -> Strategist:
     if config.strategist == "llm":
-        llm = LLMConfig(**{k: v for k, v in {"base_url": config.llm_base_url, "model": config.llm_model}.items() if v})
+        llm = LLMConfig.for_endpoint(config.llm_base_url, config.llm_model)
         return LLMStrategist(llm, fallback=config.llm_fallback)
     return HeuristicStrategist()
 

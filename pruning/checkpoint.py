@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pruning.errors import UserError
 from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.space import dependency_graph, example_input, update_attention_attributes
@@ -46,10 +47,15 @@ def bundle_bytes(bundle: dict) -> bytes:
 def save_bundle(bundle: dict, path: str | Path) -> Path:
     """Write a bundle atomically to ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a file path such as {path / 'model.pt'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(bundle_bytes(bundle))
-    tmp.replace(path)
+    try:
+        tmp.write_bytes(bundle_bytes(bundle))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -15,6 +15,7 @@ from pruning.errors import UserError
 from pruning.llm.session import DataConfig
 from pruning.llm.tiny_model import TinyLMConfig
 from pruning.plan import Criterion
+from pruning.redact import redact_url
 
 DEFAULT_MODEL = "default"
 
@@ -75,7 +76,19 @@ class RunConfig(BaseModel):
     @field_validator("target_macs", mode="before")
     @classmethod
     def _target_str(cls, v):
-        return str(v).strip()
+        from pruning.units import parse_target
+
+        v = str(v).strip()
+        try:
+            parse_target(v)  # malformed or out-of-range targets fail when the config is made
+        except UserError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _redact(cls, v: str | None) -> str | None:
+        return redact_url(v)  # credentials stay in the environment (see LLMConfig.for_endpoint)
 
     @field_validator("task_runner")
     @classmethod
@@ -94,18 +107,9 @@ class RunConfig(BaseModel):
 
     def resolve_target(self, base_macs: float) -> float:
         """Absolute MAC target; '50%' means half of ``base_macs``."""
-        from pruning.units import parse_macs
+        from pruning.units import resolve_target
 
-        text = self.target_macs
-        if text.endswith("%"):
-            try:
-                pct = float(text[:-1])
-            except ValueError:
-                raise UserError(f"malformed relative target '{text}' (expected e.g. 50%)") from None
-            if not 0 < pct < 100:
-                raise UserError(f"relative target must lie strictly between 0% and 100%, got '{text}'")
-            return base_macs * pct / 100
-        return parse_macs(text)
+        return resolve_target(self.target_macs, base_macs)
 
     def identity(self) -> dict:
         """Fields that define the run's results (used for the deterministic run id)."""
@@ -176,6 +180,11 @@ class LLMRunConfig(BaseModel):
     store: str = "runs"
     run_id: str | None = None
     seed: int = 0
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _redact(cls, v: str | None) -> str | None:
+        return redact_url(v)  # credentials stay in the environment (see LLMConfig.for_endpoint)
 
     def prune_config(self) -> LLMPruneConfig:
         return LLMPruneConfig(target_sparsity=self.target_sparsity, rollback_threshold=self.rollback_threshold,

@@ -182,7 +182,7 @@ def persist_iteration(config: LLMRunConfig, run_id: str, record: IterationRecord
 
 def make_strategist(config: LLMRunConfig) -> PruneStrategist:
     if config.strategist == "llm":
-        llm = LLMConfig(**{k: v for k, v in {"base_url": config.llm_base_url, "model": config.llm_model}.items() if v})
+        llm = LLMConfig.for_endpoint(config.llm_base_url, config.llm_model)
         strat = create_prune_strategist("llm", llm_config=llm, fallback=config.llm_fallback)
         assert isinstance(strat, LLMPruneStrategist)
         strat.check()

@@ -208,3 +208,7 @@ class LocalStore(ArtifactStore):
         if not self.root.is_dir():
             raise StoreError(f"local store root {self.root} is not a directory")
         self._probe()
+        try:  # leave no trace of the probe
+            (self.root / ".store-check").rmdir()
+        except OSError:
+            pass

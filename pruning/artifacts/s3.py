@@ -6,7 +6,7 @@ import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pruning.artifacts.base import _CHUNK, ArtifactStore, register_store, validate_key
 from pruning.artifacts.errors import (
@@ -20,24 +20,9 @@ from pruning.artifacts.errors import (
     StoreUnreachable,
     _client_error_code,
 )
+from pruning.redact import redact_url as _redact_url
 
 __all__ = ["S3Store"]
-
-
-def _redact_url(url: str | None) -> str | None:
-    """Drop any ``user:password@`` part of a URL (never show credentials)."""
-    if not url:
-        return url
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable url>"
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _env_first(*names: str) -> str | None:
