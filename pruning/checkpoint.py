@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pruning.errors import UserError
+from pruning.errors import UserError, load_failure
 from pruning.models import ModelLoadError, ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.space import dependency_graph, example_input, update_attention_attributes
@@ -68,7 +68,7 @@ def read_bundle(source: str | Path | bytes) -> dict:
     except FileNotFoundError:
         raise ModelLoadError(f"pruned model not found: {source}") from None
     except Exception as exc:
-        raise ModelLoadError(f"cannot read pruned model bundle: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelLoadError(f"cannot read pruned model bundle: {load_failure(exc)}") from None
     if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
         raise ModelLoadError("not an agentic-pruner pruned-model bundle")
     return bundle

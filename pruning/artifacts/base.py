@@ -57,6 +57,7 @@ from typing import Any, Callable, ClassVar, TypeVar
 from pydantic import BaseModel, Field
 
 from pruning.artifacts.errors import BucketNotFound, ChecksumMismatch, KeyNotFound, StoreError
+from pruning.errors import load_failure
 
 __all__ = [
     "ArtifactStore",
@@ -483,7 +484,10 @@ class ArtifactStore(abc.ABC):
         import torch
 
         data = self.get_bytes(key, sha256)
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        try:
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        except Exception as exc:  # refused pickles, truncated files
+            raise StoreError(f"cannot load key '{key}' at {self.url_for(key)}: {load_failure(exc)}") from None
 
     def _probe_key(self) -> str:
         return f".store-check/{uuid.uuid4().hex}"

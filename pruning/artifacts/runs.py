@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from datetime import datetime, timezone
 
-from pruning.artifacts import ArtifactStore, KeyNotFound
+from pruning.artifacts.base import ArtifactStore
+from pruning.artifacts.errors import KeyNotFound
+from pruning.artifacts.lease import RunLease
 
 
 def key(run_id: str, name: str) -> str:
@@ -80,7 +83,12 @@ def list_runs(store: ArtifactStore) -> list[dict]:
     """One status dict per run found in the store, newest first."""
     ids = sorted({k.split("/")[0] for k in store.list() if k.count("/") == 1 and k.endswith("/config.json")})
     rows = []
+    now = time.time()
     for run_id in ids:
         status = read_status(store, run_id) or {"run_id": run_id, "state": "unknown"}
+        if status.get("state") == "running":  # nobody holds the lease: the process died before it could say so
+            lease = RunLease(store, run_id)
+            if lease.is_free(lease.holder(), now):
+                status["state"] = "interrupted"
         rows.append(status)
     return sorted(rows, key=lambda s: s.get("updated", ""), reverse=True)

@@ -206,7 +206,8 @@ class S3Store(ArtifactStore):
         if isinstance(inner, bce.ConnectTimeoutError):
             return StoreUnreachable(f"cannot reach S3 endpoint {ep} (connect timeout after {self.connect_timeout:g} s)")
         if isinstance(inner, bce.ReadTimeoutError):
-            return StoreUnreachable(f"S3 endpoint {ep} did not answer {op} of {where} within {self.read_timeout:g} s")
+            return StoreUnreachable(f"S3 endpoint {ep} did not answer {op} of {where} ({self.max_attempts} attempt(s), "
+                                    f"{self.read_timeout:g} s each)")
         if isinstance(inner, (bce.EndpointConnectionError, bce.ProxyConnectionError)):
             return StoreUnreachable(f"cannot reach S3 endpoint {ep} ({_connection_reason(inner)})")
         if isinstance(inner, (bce.ConnectionClosedError, bce.ResponseStreamingError, bce.IncompleteReadError)):
