@@ -92,3 +92,76 @@ def test_a_busy_run_is_refused_before_any_work(capsys, tmp_path):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and f"run {run_id} is already running" in err[-1]
     assert sorted(p.name for p in store.rglob("*")) == before
+
+
+def test_a_changed_checkpoint_or_data_is_a_new_run_never_a_stale_resume(tmp_path, inputs):
+    import shutil
+
+    from pruning.errors import UserError
+    from tasks import steps
+    from tasks.config import RunConfig
+
+    ck = tmp_path / "w.pt"
+    shutil.copy(inputs / "mnv3_1000.pt", ck)
+    data = tmp_path / "data"
+    shutil.copytree(inputs / "three", data)
+    cfg = RunConfig(model="mobilenetv3_small_050", checkpoint=str(ck), num_classes=None,
+                    data=f"imagefolder:{data}", store=str(tmp_path / "store"))
+    first = cfg.with_fingerprints()
+    assert first.checkpoint_sha256 and first.data_fingerprint
+    assert cfg.with_fingerprints().resolved_run_id() == first.resolved_run_id()  # same inputs, same run
+
+    sd = torch.load(ck, weights_only=True)
+    sd["classifier.bias"] = sd["classifier.bias"] + 1
+    torch.save(sd, ck)
+    changed = cfg.with_fingerprints()
+    assert changed.resolved_run_id() != first.resolved_run_id()
+
+    Image.new("RGB", (8, 8)).save(data / "train" / "a" / "1.png")
+    assert cfg.with_fingerprints().data_fingerprint != changed.data_fingerprint
+
+    steps.open_run(first.model_copy(update={"run_id": "pinned"}))  # `resume pinned` on changed inputs:
+    with pytest.raises(UserError, match="the checkpoint file changed since run pinned started"):
+        steps.open_run(changed.model_copy(update={"run_id": "pinned"}))
+
+
+def test_model_not_served_fails_before_any_work_without_fallback(capsys, tmp_path):
+    from llm_server import ScriptedLLMServer
+
+    store = tmp_path / "store"
+    with ScriptedLLMServer(models=["other-model"]) as srv:
+        rc = main(["run", "--store", str(store), *QUICK, "--strategist", "llm", "--llm-base-url", srv.base_url,
+                   "--llm-model", "wanted", "--no-llm-fallback"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "'wanted' is not served" in err[-1] and not store.exists()
+
+
+def test_credentials_in_the_llm_url_are_never_stored(monkeypatch, tmp_path):
+    from agentic_pruner.cli import _run_config, build_parser
+    from agents.llm_client import LLMConfig, LLMUnavailable
+
+    monkeypatch.delenv("AGENTIC_PRUNER_LLM_BASE_URL", raising=False)
+    url = "http://user:sk-very-secret@127.0.0.1:9/v1"
+    args = build_parser().parse_args(["run", "--store", str(tmp_path), "--strategist", "llm", "--llm-base-url", url,
+                                      "--llm-model", "m"])
+    config = _run_config(args)
+    assert "sk-very-secret" not in config.model_dump_json()  # config.json and the flow run's parameters
+    assert config.llm_base_url == "http://***@127.0.0.1:9/v1"
+    assert LLMConfig.for_endpoint(config.llm_base_url, "m").base_url == url  # this process still has it
+    monkeypatch.delenv("AGENTIC_PRUNER_LLM_BASE_URL")
+    with pytest.raises(LLMUnavailable, match="AGENTIC_PRUNER_LLM_BASE_URL"):  # a worker without it: one line
+        LLMConfig.for_endpoint(config.llm_base_url, "m")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["solve", "--model", "resnet18", "--target-macs", "1G", "--save", "{tmp}"], "is a directory"),
+    (["profile", "--model", "resnet18", "--csv-dir", "{tmp}/file"], "is a file, not a directory"),
+    (["search", "--model", "resnet18", "--target-macs", "1G", "--out", "{tmp}"], "is a directory"),
+])
+def test_output_paths_are_checked_before_any_work(capsys, tmp_path, argv, needle):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as done:
+        main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
