@@ -47,15 +47,21 @@ def quiet_failure(exc: BaseException) -> State:
     return Failed(message=f"error: {line}", data=exc)
 
 
+def _last_attempt() -> bool:
+    from prefect.runtime import task_run
+
+    return int(task_run.run_count or 1) > IO_TASK["retries"]
+
+
 def _user_errors_fail_quietly(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any):
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
-            if _is_transient(exc):  # unreachable storage etc.: raise, so Prefect retries
+            if _is_transient(exc) and not _last_attempt():  # unreachable storage etc.: Prefect retries (one line)
                 raise
-            return quiet_failure(exc)
+            return quiet_failure(exc)  # a mistake, or an outage that outlasted the retries: one line
 
     return wrapper
 
