@@ -67,6 +67,36 @@ def _creatable(path: Path) -> None:
         raise argparse.ArgumentTypeError(f"cannot write under {probe} (permission denied)")
 
 
+def device_option(text: str) -> str:
+    """argparse ``type`` of ``--device``: a device name that exists on this machine (``--device cuda`` without
+    CUDA fails while the command line is parsed: one line, exit 2, before any work)."""
+    from pruning.device import DeviceError, check_device_spec, resolve_device
+
+    try:
+        spec = check_device_spec(text)
+        resolve_device(spec)
+    except DeviceError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--device {text.strip().lower()}: ")) from None
+    return spec
+
+
+def require_device(spec: str, where: str) -> str:
+    """``spec`` (a device stored in a run's config) if it exists here, else a :class:`CliError` naming ``where``."""
+    from pruning.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(spec)
+    except DeviceError as exc:
+        raise CliError(f"{where} asks for --device {spec}, {str(exc).split(': ', 1)[-1]}") from None
+    return spec
+
+
+def add_device_arg(p: argparse.ArgumentParser, what: str = "calibration, fine-tuning and evaluation") -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (None when not given: the config's default, auto)."""
+    p.add_argument("--device", type=device_option, metavar="DEVICE",
+                   help=f"where {what} run: auto (default: CUDA when available), cpu, cuda or cuda:N")
+
+
 def kv_floats(items: list[str] | None, flag: str) -> dict[str, float]:
     out = {}
     for item in items or []:

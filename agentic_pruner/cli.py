@@ -22,6 +22,7 @@ from agentic_pruner._args import (
     CliError,
     Parser,
     add_band_args,
+    add_device_arg,
     add_model_args,
     add_plan_args,
     band_from_args,
@@ -31,6 +32,7 @@ from agentic_pruner._args import (
     output_dir,
     output_file,
     plan_from_args,
+    require_device,
 )
 from pruning.errors import UserError, first_line
 from pruning.units import fmt_macs
@@ -122,6 +124,9 @@ def _solve_latency(args) -> int:
         raise CliError(f"--target-latency-ms must be positive, got {args.target_latency_ms}")
     if args.batch_size < 1 or args.max_probes < 1 or args.latency_runs < 1:
         raise CliError("--batch-size, --max-probes and --latency-runs must be >= 1")
+    if args.device not in (None, "auto", "cpu") and args.latency_backend == "ort-cpu":
+        raise CliError(f"--device {args.device}: the ort-cpu latency backend measures onnxruntime on the CPU "
+                       "(pruning runs on the CPU too); drop --device or use --device cpu")
     if args.round_to is None:
         args.round_to = DEFAULT_ROUND_TO[args.latency_backend]
     plan = plan_from_args(args)
@@ -213,6 +218,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(existing Dask cluster), ray, ray://HOST:PORT")
     p.add_argument("--finetune-deployment", metavar="FLOW/DEPLOYMENT",
                    help="fine-tune each candidate as a run of this deployment (e.g. finetune-candidate/gpu)")
+    add_device_arg(p, "Taylor calibration, fine-tuning and evaluation (pruning itself: CPU)")
 
 
 def _engine_overrides(args) -> dict:
@@ -221,6 +227,8 @@ def _engine_overrides(args) -> dict:
         out["task_runner"] = args.task_runner
     if getattr(args, "finetune_deployment", None):
         out["finetune_deployment"] = args.finetune_deployment
+    if getattr(args, "device", None):
+        out["device"] = args.device
     return out
 
 
@@ -296,7 +304,7 @@ def cmd_demo(args) -> int:
     from tasks.config import RunConfig
 
     log("demo: prune the embedded default (timm resnet18 trained on scikit-learn digits) to 50% of its MACs")
-    return _execute(RunConfig(store=args.store))
+    return _execute(RunConfig(store=args.store, **({"device": args.device} if args.device else {})))
 
 
 def cmd_resume(args) -> int:
@@ -310,7 +318,9 @@ def cmd_resume(args) -> int:
     except KeyNotFound:
         raise CliError(f"no run '{args.run_id}' in {store.describe()} (see 'agentic-pruner runs')") from None
     stored.update(store=args.store, run_id=args.run_id, **_engine_overrides(args))
-    return _execute(RunConfig(**stored))
+    config = RunConfig(**stored)
+    require_device(config.device, f"run {args.run_id}")  # started on another machine: say so before any work
+    return _execute(config)
 
 
 def cmd_runs(args) -> int:
@@ -383,6 +393,7 @@ def _register_flow_commands(sub) -> None:
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("demo", help="the main job on the embedded default (digits ResNet-18, 50%% MACs)")
     _add_store_arg(p)
+    add_device_arg(p)
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("resume", help="continue a run from its last persisted revision")
     p.add_argument("run_id")
@@ -431,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all CPUs)")
     lat.add_argument("--max-probes", type=int, default=8, help="timed measurements of candidates at most, re-measurements included (default 8)")
     lat.add_argument("--latency-runs", type=int, default=20, help="timed runs per measurement (default 20)")
+    add_device_arg(lat, "the latency of a torch backend is measured (ort-cpu: always the CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--save", type=output_file, help="write the pruned-model bundle here")
     p.set_defaults(func=cmd_solve)

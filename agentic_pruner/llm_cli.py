@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from agentic_pruner._args import CliError, llm_url
+from agentic_pruner._args import CliError, add_device_arg, llm_url
 
 
 def _config(args):
@@ -33,7 +33,7 @@ def _config(args):
         strategist=args.strategist, llm_base_url=llm_url(args.llm_base_url), llm_model=args.llm_model,
         llm_fallback=not args.no_llm_fallback, eval_tokens=args.eval_tokens, calib_sequences=args.calib_sequences,
         text_file=args.text, mcq_file=args.mcq, save_dir=args.save, store=args.store, run_id=args.run_id,
-        seed=args.seed)
+        seed=args.seed, **({"device": args.device} if args.device else {}))
 
 
 def cmd_llm(args) -> int:
@@ -56,6 +56,8 @@ def cmd_llm(args) -> int:
               f"{s.final_test_ppl:.4f}")
         if s.mcq_before is not None or s.mcq_after is not None:
             print(f"multiple-choice accuracy {s.mcq_before} -> {s.mcq_after}")
+        print(f"device {s.device} ({s.device_name}), weights in {s.dtype}"
+              + (f", peak GPU memory {s.peak_memory_gib:.3f} GiB" if s.peak_memory_gib is not None else ""))
         if s.saved_to:
             print(f"pruned model: {s.saved_to}")
         store = open_store(config.store)
@@ -87,5 +89,6 @@ def register(sub) -> None:
     p.add_argument("--save", help="write the pruned model (save_pretrained) to this directory")
     p.add_argument("--run-id", help="default: derived from the configuration, so re-running resumes")
     p.add_argument("--seed", type=int, default=0)
+    add_device_arg(p, "the model is held (bf16 on CUDA) and statistics, masks and perplexities are computed")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON")
     p.set_defaults(func=cmd_llm)

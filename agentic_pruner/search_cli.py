@@ -25,6 +25,7 @@ from typing import Callable
 from agentic_pruner._args import (
     CliError,
     add_band_args,
+    add_device_arg,
     add_model_args,
     band_from_args,
     load_model_from_args,
@@ -50,21 +51,31 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
                  eval_samples: int = 32, seed: int = 0, collapse_drop: float = 0.10,
                  importance: str = "l2", round_to: int = 8, model_name: str | None = None,
                  num_classes: int | None = None, on_record: Callable | None = None,
-                 check_strategist: bool = True, on_profile: Callable | None = None):
+                 check_strategist: bool = True, on_profile: Callable | None = None, device=None):
     """Run the agent search on ``model`` with the agreement proxy as evaluator (no data, no fine-tuning).
 
     Returns ``(SearchResult, ProfileSummary, baseline_proxy_accuracy)``. Raises ``InfeasibleTarget`` when
     the target is not below the model's MACs. ``on_profile(profile)`` is called before the first revision.
+    ``device``: where the proxy's forward passes run (None = the CPU, where the models are pruned); every
+    record names it.
     """
     from agents.master import MasterAgent, MasterConfig
     from agents.safety import SafetyValidator
     from agents.search import SearchContext, run_search
+    from pruning.device import describe_device
     from pruning.plan import PruningPlan
     from tasks.memory_steps import agreement_evaluator, search_steps
 
+    info = describe_device(device if device is not None else "cpu")
+
+    def record_device(record) -> None:
+        record.device, record.device_name = info.device, info.name
+        if on_record is not None:
+            on_record(record)
+
     inputs = proxy_inputs(example.shape[-1], eval_samples, seed)
     validator = SafetyValidator()
-    bridge = search_steps(model, example, band, agreement_evaluator(model, inputs), validator=validator,
+    bridge = search_steps(model, example, band, agreement_evaluator(model, inputs, device), validator=validator,
                               seed=seed)
     profile = bridge.profile(model_name=model_name, num_classes=num_classes)
     from pruning.solver import check_below
@@ -78,7 +89,7 @@ def proxy_search(model, example, band, strategist, *, max_revisions: int = 10, e
     context = SearchContext(band=band, profile=profile, base_plan=PruningPlan(importance=importance, round_to=round_to),
                             baseline_accuracy=baseline, seed=seed, check_strategist=check_strategist)
     result = run_search(context, strategist, validator, master, bridge.prune_and_measure,
-                        bridge.finetune_and_evaluate, on_record=on_record)
+                        bridge.finetune_and_evaluate, on_record=record_device)
     return result, profile, baseline
 
 
@@ -118,6 +129,13 @@ def _strategist(args):
     return strategist
 
 
+def _device(args):
+    """Where the proxy's forward passes run (``--device``, checked to exist while parsing; default auto)."""
+    from pruning.device import describe_device, resolve_device
+
+    return describe_device(resolve_device(args.device))
+
+
 def cmd_search(args) -> int:
     import torch
 
@@ -135,6 +153,7 @@ def cmd_search(args) -> int:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("")  # a fresh history; unwritable paths fail before any work
+    device = _device(args)
     torch.manual_seed(args.seed)
     spec, model, size, example = load_model_from_args(args)
     band = band_from_args(args, model, example)
@@ -143,7 +162,7 @@ def cmd_search(args) -> int:
     def on_profile(profile) -> None:
         log(f"{spec.name}: {fmt_macs(profile.base_macs)} MACs -> target {fmt_macs(band.target_macs)} "
              f"(band {fmt_macs(band.lower)} .. {fmt_macs(band.upper)}); strategist {args.strategist}; "
-             f"proxy: top-1 agreement with the original on {args.eval_samples} random inputs (seed {args.seed})")
+             f"proxy: top-1 agreement with the original on {args.eval_samples} random inputs (seed {args.seed}, {device.label()})")
 
     def on_record(record) -> None:
         log(progress_line(record))
@@ -154,13 +173,14 @@ def cmd_search(args) -> int:
         model, example, band, strategist, max_revisions=args.max_revisions, extra_revisions=args.extra_revisions,
         eval_samples=args.eval_samples, seed=args.seed, collapse_drop=args.collapse_drop,
         importance=args.importance, round_to=args.round_to, model_name=spec.name, num_classes=args.num_classes,
-        on_record=on_record, check_strategist=False, on_profile=on_profile)
+        on_record=on_record, check_strategist=False, on_profile=on_profile, device=device.device)
     seconds = time.perf_counter() - t0
     first = next((r.revision for r in result.history if r.is_candidate), None)
     best = result.best
     if args.json:
         print(json.dumps({
-            "model": spec.name, "input_size": size, "base_macs": profile.base_macs, "target_macs": band.target_macs,
+            "model": spec.name, "input_size": size, "device": device.model_dump(), "base_macs": profile.base_macs,
+            "target_macs": band.target_macs,
             "band": [band.lower, band.upper], "strategist": args.strategist,
             "baseline_proxy_accuracy": baseline, "revisions": len(result.history),
             "first_in_band_revision": first, "in_band_count": sum(r.is_candidate for r in result.history),
@@ -222,6 +242,7 @@ def register(sub) -> None:
     p.add_argument("--collapse-drop", type=float, default=0.10,
                    help="proxy-accuracy drop below the original (1.0) that counts as a collapse (default 0.10)")
     p.add_argument("--seed", type=int, default=0, help="seeds model init, proxy inputs and the strategist")
+    add_device_arg(p, "the proxy's forward passes (pruning itself: CPU)")
     p.add_argument("--out", type=output_file, help="write the history here as JSON lines (one record per revision)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.set_defaults(func=cmd_search)

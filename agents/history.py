@@ -13,13 +13,30 @@ import os
 from pathlib import Path
 from typing import IO, Iterable, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pruning.plan import GROUP_KINDS, PruningPlan, default_kind_multiplier
 
 RAW_REPLY_LIMIT = 4000
 #: error prefix of a record whose solved allocation equals an earlier one (recorded, not fine-tuned)
 DUPLICATE_PREFIX = "duplicate:"
+#: prefix of the note that names the device a candidate was fine-tuned and evaluated on (:func:`device_note`)
+DEVICE_NOTE_PREFIX = "device: "
+
+
+def device_note(device: str, name: str) -> str:
+    """The note a fine-tuning step adds to its result: ``device: cuda:0 (NVIDIA H200)``; a record made from
+    that result carries it in ``proposal_notes`` and fills ``device`` / ``device_name`` from it."""
+    return f"{DEVICE_NOTE_PREFIX}{device} ({name})"
+
+
+def parse_device_note(note: str) -> tuple[str, str] | None:
+    """``(device, name)`` of a :func:`device_note`, else None."""
+    if not note.startswith(DEVICE_NOTE_PREFIX):
+        return None
+    rest = note[len(DEVICE_NOTE_PREFIX):]
+    device, _, name = rest.partition(" (")
+    return device.strip(), name[:-1] if name.endswith(")") else name
 
 #: the safety validator's verdict on a plan (:class:`agents.safety.Verdict` carries it with the reasons)
 VerdictStatus = Literal["accepted", "clamped", "rejected"]
@@ -73,11 +90,26 @@ class RevisionRecord(BaseModel):
     checkpoint_key: str | None = None
     checkpoint_sha256: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
+    # -- where it ran ------------------------------------------------------------------------
+    device: str | None = Field(None, description="device of the candidate's calibration, fine-tuning and "
+                               "evaluation ('cpu', 'cuda:0'); pruning itself runs on the CPU")
+    device_name: str | None = Field(None, description="that device's GPU name or CPU model")
 
     @field_validator("raw_reply")
     @classmethod
     def _short(cls, v):
         return truncate(v)
+
+    @model_validator(mode="after")
+    def _device_from_notes(self) -> "RevisionRecord":
+        """A record made from a fine-tuning result that named its device (:func:`device_note`) says so."""
+        if self.device is None:
+            for note in reversed(self.proposal_notes):
+                found = parse_device_note(note)
+                if found:
+                    self.device, self.device_name = found
+                    break
+        return self
 
     @property
     def accuracy(self) -> float | None:
@@ -203,6 +235,7 @@ def history_dataframe(records: Sequence[RevisionRecord]):
             params=r.params, error_pct=r.error_pct, in_band=r.in_band, accuracy_before=r.accuracy_before,
             accuracy_after=r.accuracy_after, accuracy=r.accuracy, collapsed=r.collapsed,
             checkpoint_key=r.checkpoint_key, seconds=round(sum(v for k, v in r.timings.items() if "." not in k), 4),
+            device=r.device,
         )
         for k, v in sorted(r.kind_ratios.items()):
             row[f"ratio_{k}"] = v

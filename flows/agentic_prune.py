@@ -162,7 +162,9 @@ def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
     resumed, guidance, stop = len(history), None, None
     where = config.finetune_deployment and f"deployment {config.finetune_deployment}" or config.task_runner
     log.info("%d candidate(s) per revision, fine-tuned on %s", k, where)
-    with candidate_runner("local" if config.finetune_deployment else config.task_runner, workers=k) as runner:
+    gpus = False if config.device == "cpu" else None  # a CPU run never reserves a cluster's GPUs
+    with candidate_runner("local" if config.finetune_deployment else config.task_runner, workers=k,
+                          gpus=gpus) as runner:
         for r in range(next_revision(history, k), config.max_revisions):
             step = agent_tasks.propose(r, history, context, strategist, validator, master, heuristic)
             guidance = step.guidance
@@ -255,6 +257,8 @@ def _write_summary(config, ctx, scope, result, baseline, final, latency_md) -> R
             f"{fmt_macs(best.achieved_macs)} MACs (error {best.error_pct:+.3f} %), {best.params / 1e6:.3g} M params, "
             f"val accuracy after inline FT {_pct(best.accuracy_after)} %, test accuracy after extended FT "
             f"{100 * final.test_accuracy:.2f} %",
+            f"- fine-tuned on {final.device_name or final.device}"
+            + (f" ({final.amp_dtype} autocast)" if final.amp_dtype else ""),
         ]
     lines += ["", "## Revisions (accuracies on the validation split)", "", markdown_table([_row(r) for r in history])]
     if latency_md:

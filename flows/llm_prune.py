@@ -18,7 +18,8 @@ from pydantic import BaseModel
 
 from agents.llm_pruning import IterationRecord, PruneAgentLoop
 from flows._report import Progress, artifact_key, failure_recorded, publish_table, run_scope
-from pruning.artifacts import runs
+from pruning.artifacts import RunLease, open_store, runs
+from pruning.device import describe_device, peak_memory_gib
 from pruning.errors import UserError
 from pruning.measure.report import markdown_table
 from tasks import llm_steps, llm_tasks
@@ -49,6 +50,10 @@ class LLMRunSummary(BaseModel):
     saved_to: str | None = None
     summary_key: str
     seconds: float
+    device: str = "cpu"
+    device_name: str | None = None
+    dtype: str = "float32"
+    peak_memory_gib: float | None = None  # CUDA peak allocated memory of this process's part of the run
 
 
 def _row(r: IterationRecord) -> dict:
@@ -71,7 +76,8 @@ def flow_run_name() -> str:
 def llm_prune(config: LLMRunConfig = LLMRunConfig()) -> LLMRunSummary:
     """Prune a causal LM to ``config.target_sparsity`` with the agent in the loop; resumable."""
     try:
-        return _llm_prune_run(config)
+        with RunLease(open_store(config.store), config.resolved_run_id()):  # one process per run at a time
+            return _llm_prune_run(config)
     except UserError as exc:
         return quiet_failure(exc)
 
@@ -88,9 +94,10 @@ def _llm_prune_run(config: LLMRunConfig) -> LLMRunSummary:
     with failure_recorded(ctx.store, run_id):
         model_info = llm_tasks.prepare(config, run_id)
         sess = ctx.session
-        log.info("model %s: %d prunable linears, %.3g M prunable weights; dense val ppl %.4f, test ppl %.4f",
-                 model_info.model_path, model_info.layers, model_info.prunable_params / 1e6,
-                 model_info.baseline_val_ppl, model_info.baseline_test_ppl)
+        log.info("model %s: %d prunable linears, %.3g M prunable weights; dense val ppl %.4f, test ppl %.4f; "
+                 "on %s in %s", model_info.model_path, model_info.layers, model_info.prunable_params / 1e6,
+                 model_info.baseline_val_ppl, model_info.baseline_test_ppl, describe_device(sess.device).label(),
+                 model_info.dtype)
         if ctx.history:
             log.info("replayed %d persisted iterations: sparsity %.4f", len(ctx.history), sess.mm.overall_sparsity())
         pcfg = config.prune_config()
@@ -133,7 +140,8 @@ def _finish(config: LLMRunConfig, ctx, info, model_info, loop: PruneAgentLoop, r
         baseline_val_ppl=model_info.baseline_val_ppl, final_val_ppl=result.final_ppl,
         baseline_test_ppl=model_info.baseline_test_ppl, final_test_ppl=final_test,
         mcq_before=model_info.mcq_accuracy, mcq_after=mcq_after, saved_to=saved, summary_key=summary_key,
-        seconds=time.perf_counter() - t0)
+        seconds=time.perf_counter() - t0, device=str(sess.device), device_name=describe_device(sess.device).name,
+        dtype=model_info.dtype, peak_memory_gib=peak_memory_gib(sess.device))
     text = _summary_markdown(summary, loop, sess)
     ctx.store.put_bytes(summary_key, text.encode())
     create_markdown_artifact(markdown=text, key=artifact_key(run_scope(run_id, info.store), "summary"),
@@ -156,6 +164,8 @@ def _summary_markdown(s: LLMRunSummary, loop: PruneAgentLoop, sess) -> str:
         f"LLM fallbacks {s.fallbacks}",
         f"- validation perplexity {s.baseline_val_ppl:.4f} -> {s.final_val_ppl:.4f}; "
         f"test perplexity {s.baseline_test_ppl:.4f} -> {s.final_test_ppl:.4f}",
+        f"- device {s.device} ({s.device_name}), weights in {s.dtype}"
+        + (f", peak GPU memory {s.peak_memory_gib:.3f} GiB" if s.peak_memory_gib is not None else ""),
     ]
     if s.mcq_before is not None or s.mcq_after is not None:
         lines.append(f"- multiple-choice accuracy {s.mcq_before} -> {s.mcq_after}")

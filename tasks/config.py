@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from agents.llm_pruning import LLMPruneConfig
 from pruning.artifacts import runs
@@ -18,6 +18,16 @@ from pruning.plan import Criterion
 from pruning.redact import redact_url
 
 DEFAULT_MODEL = "default"
+
+#: An endpoint URL stored redacted: credentials in it stay in the environment (see ``LLMConfig.for_endpoint``).
+LLMUrl = Annotated[str | None, AfterValidator(redact_url)]
+
+
+def _device_spec(v) -> str:
+    """The ``device`` field's normalised form; only the spelling is checked (the config may run elsewhere)."""
+    from pruning.device import check_device_spec
+
+    return check_device_spec(v)  # a DeviceError is a ValueError: pydantic reports it as the field's error
 
 
 class RunConfig(BaseModel):
@@ -38,7 +48,7 @@ class RunConfig(BaseModel):
     undershoot_pct: float = Field(15.0, ge=0, lt=100, description="allowed % below target")
     # -- the agents -----------------------------------------------------------------------------
     strategist: Literal["heuristic", "llm"] = Field("heuristic", description="who proposes allocation shapes")
-    llm_base_url: str | None = Field(None, description="OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
+    llm_base_url: LLMUrl = Field(None, description="OpenAI-compatible endpoint (key from OPENAI_API_KEY)")
     llm_model: str | None = Field(None, description="model name at that endpoint")
     llm_fallback: bool = Field(True, description="fall back to the heuristic (recorded) when the LLM fails")
     max_revisions: int = Field(8, ge=1, le=1000, description="R_max of Algorithm 1")
@@ -58,6 +68,9 @@ class RunConfig(BaseModel):
     latency: bool = Field(True, description="export the winner to ONNX and benchmark original vs pruned")
     latency_runs: int = Field(10, ge=1, description="timed runs per measurement")
     gpu_benchmark: bool = Field(True, description="torch.compile GPU benchmark when CUDA is available")
+    # -- where the work runs (not part of the run's identity: a preempted run resumes on another machine) ------
+    device: str = Field("auto", description="calibration, fine-tuning and evaluation: auto (CUDA when available), "
+                        "cpu, cuda or cuda:N; pruning itself runs on the CPU")
     # -- where candidates run -------------------------------------------------------------------
     task_runner: str = Field("local", description="'local' (threads in the flow process), 'dask' (a local Dask "
                              "cluster), 'dask://HOST:8786' (an existing Dask cluster), 'ray' or 'ray://HOST:10001'")
@@ -85,10 +98,10 @@ class RunConfig(BaseModel):
             raise ValueError(str(exc)) from None
         return v
 
-    @field_validator("llm_base_url")
+    @field_validator("device", mode="before")
     @classmethod
-    def _redact(cls, v: str | None) -> str | None:
-        return redact_url(v)  # credentials stay in the environment (see LLMConfig.for_endpoint)
+    def _device(cls, v) -> str:
+        return _device_spec(v)
 
     @field_validator("task_runner")
     @classmethod
@@ -114,7 +127,7 @@ class RunConfig(BaseModel):
     def identity(self) -> dict:
         """Fields that define the run's results (used for the deterministic run id)."""
         out = self.model_dump(exclude={"store", "run_id", "llm_fallback", "latency_runs", "gpu_benchmark",
-                                       "task_runner", "finetune_deployment"})
+                                       "task_runner", "finetune_deployment", "device"})
         if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
             out.pop("candidates_per_revision")
         for name in ("checkpoint_sha256", "data_fingerprint"):  # None (no checkpoint, digits) keeps them too
@@ -166,7 +179,7 @@ class LLMRunConfig(BaseModel):
     max_layer_sparsity: float = Field(0.9, gt=0, le=0.99)
     nm: str | None = None
     strategist: Literal["heuristic", "llm"] = "heuristic"
-    llm_base_url: str | None = None
+    llm_base_url: LLMUrl = None
     llm_model: str | None = None
     llm_fallback: bool = True
     seq_len: int | None = Field(None, ge=8, description="window length; None = the tiny model's (128)")
@@ -177,14 +190,16 @@ class LLMRunConfig(BaseModel):
     mcq_file: str | None = Field(None, description="MMLU-style JSONL evaluated before and after pruning")
     mcq_limit: int | None = Field(None, ge=1)
     save_dir: str | None = Field(None, description="save_pretrained the pruned model here at the end")
+    device: str = Field("auto", description="auto (CUDA when available), cpu, cuda or cuda:N; on CUDA the model is "
+                        "held in bf16 (not part of the run's identity)")
     store: str = "runs"
     run_id: str | None = None
     seed: int = 0
 
-    @field_validator("llm_base_url")
+    @field_validator("device", mode="before")
     @classmethod
-    def _redact(cls, v: str | None) -> str | None:
-        return redact_url(v)  # credentials stay in the environment (see LLMConfig.for_endpoint)
+    def _device(cls, v) -> str:
+        return _device_spec(v)
 
     def prune_config(self) -> LLMPruneConfig:
         return LLMPruneConfig(target_sparsity=self.target_sparsity, rollback_threshold=self.rollback_threshold,
@@ -200,7 +215,7 @@ class LLMRunConfig(BaseModel):
 
     def identity(self) -> dict:
         return self.model_dump(exclude={"store", "run_id", "llm_fallback", "max_iterations", "save_dir",
-                                        "mcq_file", "mcq_limit"})
+                                        "mcq_file", "mcq_limit", "device"})
 
     def resolved_run_id(self) -> str:
         if self.run_id:

@@ -14,6 +14,10 @@ Resume: the original model is loaded again (its fingerprint must match ``model.j
 steps are replayed in order (their stored values are checked against the weights), and the loop
 continues at the next iteration. A step file is written before its history record, so a crash between
 the two leaves an orphan file that the re-run simply overwrites.
+
+Device: ``LLMRunConfig.device`` is resolved in the process that holds the model; the model is read in the
+run's dtype (fixed when the run starts: bf16 on a GPU with native bf16, else fp32; stored in
+``model.json``), so a run started on a GPU resumes anywhere with the same weights and exact replay.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ from agents.llm_pruning import (
 )
 from agents.strategists import LLMConfig
 from pruning.artifacts import ArtifactStore, KeyNotFound, open_store, runs
+from pruning.device import describe_device, peak_memory_gib, reset_peak_memory, resolve_device
 from pruning.errors import UserError
 from pruning.llm.masks import PruneStep
-from pruning.llm.session import PruneSession
+from pruning.llm.session import PruneSession, dtype_name, llm_dtype, parse_dtype
 from tasks.config import LLMRunConfig
 from tasks.contexts import ContextCache
 
@@ -61,6 +66,10 @@ class ModelInfo(BaseModel):
     baseline_test_ppl: float
     mcq_accuracy: float | None = None
     tiny_training: dict | None = None
+    dtype: str = "float32"  # the run's compute dtype, fixed when it starts (runs before devices: float32)
+    device: str | None = None  # where the run started
+    device_name: str | None = None
+    peak_memory_gib: float | None = None  # CUDA peak while loading, profiling and measuring the baseline
 
 
 class LLMRunContext:
@@ -72,6 +81,7 @@ class LLMRunContext:
         self.session: PruneSession | None = None
         self.model_info: ModelInfo | None = None
         self.history: list[IterationRecord] = []
+        self.device = resolve_device(config.device)
 
     def key(self, name: str) -> str:
         return runs.key(self.run_id, name)
@@ -117,26 +127,36 @@ def open_run(config: LLMRunConfig) -> LLMRunInfo:
                       state=status.get("state", "running"))
 
 
-def _load_session(config: LLMRunConfig) -> PruneSession:
+def _load_session(config: LLMRunConfig, device, dtype) -> PruneSession:
     if config.model_path:
-        return PruneSession.from_model_path(config.model_path, config.data_config())
-    return PruneSession.embedded(config.tiny_config(), config.data_config())
+        return PruneSession.from_model_path(config.model_path, config.data_config(), device=device, dtype=dtype)
+    return PruneSession.embedded(config.tiny_config(), config.data_config(), device=device, dtype=dtype)
+
+
+def _stored_info(ctx: LLMRunContext) -> ModelInfo | None:
+    try:
+        return ModelInfo(**ctx.store.get_json(ctx.key("model.json")))
+    except KeyNotFound:
+        return None
 
 
 def prepare(config: LLMRunConfig, run_id: str) -> ModelInfo:
-    """Load the model, compute the profile on the dense weights, measure (or read) the baseline, and replay
-    the accepted steps already persisted. Idempotent within a process."""
+    """Load the model (in the run's dtype, on this process's device), compute the profile on the dense
+    weights, measure (or read) the baseline, and replay the accepted steps already persisted. Idempotent
+    within a process."""
     ctx = get_context(config, run_id)
     if ctx.session is not None and ctx.model_info is not None:
         return ctx.model_info
-    sess = _load_session(config)
+    info = _stored_info(ctx)
+    dtype = parse_dtype(info.dtype) if info is not None else llm_dtype(ctx.device)
+    reset_peak_memory(ctx.device)
+    sess = _load_session(config, ctx.device, dtype)
     profile = sess.compute_stats()  # dense model: Wanda norms + gradient scores
-    try:
-        info = ModelInfo(**ctx.store.get_json(ctx.key("model.json")))
+    if info is not None:
         if info.fingerprint != sess.fingerprint:
             raise UserError(f"model weights changed since run '{run_id}' started (fingerprint {sess.fingerprint} "
                              f"!= stored {info.fingerprint}); start a new run")
-    except KeyNotFound:
+    else:
         mcq = None
         if config.mcq_file:
             from pruning.llm.mcq import evaluate_mcq, load_mcq
@@ -147,7 +167,9 @@ def prepare(config: LLMRunConfig, run_id: str) -> ModelInfo:
                          prunable_params=sess.mm.total_params, layers=len(sess.layers),
                          baseline_val_ppl=sess.val_ppl(), baseline_test_ppl=sess.test_ppl(), mcq_accuracy=mcq,
                          tiny_training={k: sess.info.get(k) for k in ("key", "random_init_ppl", "trained_ppl",
-                                                                      "train_seconds", "params")} if sess.info else None)
+                                                                      "train_seconds", "params")} if sess.info else None,
+                         dtype=dtype_name(dtype), device=str(sess.device), device_name=describe_device(sess.device).name,
+                         peak_memory_gib=peak_memory_gib(sess.device))
         ctx.store.put_json(ctx.key("model.json"), info.model_dump(mode="json"))
     if not ctx.store.exists(ctx.key("profile.json")):
         ctx.store.put_json(ctx.key("profile.json"), profile.model_dump(mode="json"))

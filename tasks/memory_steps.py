@@ -16,9 +16,10 @@ from torch import nn
 from agents.profiling import ProfileSummary, build_profile
 from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured, Slot
+from pruning.device import on_device
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
-from pruning.space import PruningSpace
+from tasks.contexts import SpaceCache
 from tasks.prune_step import prune_candidate
 
 Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
@@ -52,6 +53,7 @@ class MemorySteps:
         self.validator = validator or SafetyValidator()
         self.checkpoint = checkpoint
         self.seed = seed
+        self.spaces = SpaceCache()  # one analysed space per criterion, forked by every candidate
         self.evaluate_zero_shot = evaluate_zero_shot
         self._baseline: float | None = None
         self._base_params: int | None = None
@@ -63,7 +65,7 @@ class MemorySteps:
                 num_classes: int | None = None, plan: PruningPlan | None = None) -> ProfileSummary:
         """Profiling Agent on the original model (an l2 space: no gradients needed)."""
         plan = plan or PruningPlan(importance="l2")
-        space = PruningSpace.build(self.model, self.example, plan.model_copy(update={"importance": "l2"}), self.seed)
+        space = self.spaces.get(self.model, self.example, plan.model_copy(update={"importance": "l2"}), self.seed)
         if self._base_params is None:
             self._base_params = sum(p.numel() for p in self.model.parameters())
         prof = build_profile(space, model_name=model_name, dataset=dataset, num_classes=num_classes,
@@ -85,7 +87,7 @@ class MemorySteps:
             if self.calibrated_model is None:
                 return Measured(plan=plan, status="error", error="taylor importance needs a calibrated model copy")
             src = self.calibrated_model
-        measured, pruned, _ = prune_candidate(src, self.example, plan, self.band, seed=self.seed,
+        measured, pruned, _ = prune_candidate(src, self.example, plan, self.band, seed=self.seed, spaces=self.spaces,
                                               validator=self.validator)
         if pruned is None:
             return measured
@@ -124,38 +126,44 @@ def search_steps(model: nn.Module, example: torch.Tensor, band: MacBand, evaluat
     return MemorySteps(model, example, band, evaluator, **kwargs)
 
 
-@torch.no_grad()
-def agreement_evaluator(reference: nn.Module, inputs: torch.Tensor) -> Evaluator:
-    """Cheap accuracy proxy: fraction of ``inputs`` on which a model's argmax matches ``reference``'s."""
-    reference.eval()
-    ref = reference(inputs).argmax(dim=1)
-
-    @torch.no_grad()
-    def evaluate(model: nn.Module) -> float:
+def _outputs(model: nn.Module, inputs: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    """fp32 logits of ``model`` on ``inputs`` in eval mode, computed on ``device`` (the model moves there for the
+    call and back: the pruned and original models stay on the CPU, where they are pruned)."""
+    with on_device(model, device) as dev:
         was = model.training
         model.eval()
         try:
-            return float((model(inputs).argmax(dim=1) == ref).float().mean())
+            return model(inputs.to(dev)).float()
         finally:
             model.train(was)
+
+
+@torch.no_grad()
+def agreement_evaluator(reference: nn.Module, inputs: torch.Tensor, device: torch.device | str | None = None
+                        ) -> Evaluator:
+    """Cheap accuracy proxy: fraction of ``inputs`` on which a model's argmax matches ``reference``'s
+    (forward passes on ``device``; None = where each model is)."""
+    reference.eval()
+    ref = _outputs(reference, inputs, device).argmax(dim=1)
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module) -> float:
+        out = _outputs(model, inputs, device).argmax(dim=1)
+        return float((out == ref.to(out.device)).float().mean())
 
     return evaluate
 
 
 @torch.no_grad()
-def logit_similarity_evaluator(reference: nn.Module, inputs: torch.Tensor) -> Evaluator:
+def logit_similarity_evaluator(reference: nn.Module, inputs: torch.Tensor, device: torch.device | str | None = None
+                               ) -> Evaluator:
     """Smoother proxy: mean cosine similarity (clipped at 0) between a model's and ``reference``'s logits."""
     reference.eval()
-    ref = reference(inputs).float()
+    ref = _outputs(reference, inputs, device)
 
     @torch.no_grad()
     def evaluate(model: nn.Module) -> float:
-        was = model.training
-        model.eval()
-        try:
-            out = model(inputs).float()
-            return float(torch.nn.functional.cosine_similarity(out, ref, dim=1).clamp(min=0).mean())
-        finally:
-            model.train(was)
+        out = _outputs(model, inputs, device)
+        return float(torch.nn.functional.cosine_similarity(out, ref.to(out.device), dim=1).clamp(min=0).mean())
 
     return evaluate

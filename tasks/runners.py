@@ -12,6 +12,12 @@ one deployment serve every engine::
 Workers receive only the run config, the run id and store keys: they read the original model and
 the pruned bundle from the artifact store and write their checkpoints back to it, so they can run
 on other machines as long as they reach the same store (S3) and the Prefect API.
+
+One GPU per worker: each worker resolves the run's ``--device`` itself (``tasks.steps.RunContext.device``).
+A worker of the local Dask cluster (named 0..N-1) takes GPU ``name % GPUs`` of its machine; workers
+started by hand get theirs from ``CUDA_VISIBLE_DEVICES`` (one worker per GPU, see deployments/README.md);
+on Ray every candidate's task asks for ``num_gpus=1`` when the cluster has GPUs, so Ray runs as many at
+once as there are GPUs and gives each its own (``CUDA_VISIBLE_DEVICES`` set by Ray).
 """
 from __future__ import annotations
 
@@ -110,11 +116,52 @@ def check_reachable(spec: str, timeout: float = 5.0) -> None:
         raise RunnerUnavailable(f"cannot reach the cluster of task runner '{spec}': {exc}") from None
 
 
+class OneGpuPerTask:
+    """A started Ray task runner whose every submitted task run asks Ray for one GPU (``num_gpus=1``)."""
+
+    def __init__(self, runner: TaskRunner):
+        self.runner = runner
+
+    def submit(self, *args, **kwargs):
+        from prefect_ray.context import remote_options
+
+        with remote_options(num_gpus=1):
+            return self.runner.submit(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+
+def _cluster_gpus() -> float:
+    """GPUs of the Ray cluster this process is connected to (0 when unknown)."""
+    try:
+        import ray
+
+        return float(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001 - no Ray, not connected: no GPUs to ask for
+        return 0.0
+
+
+def _gpu_wrapped(spec: str, runner: TaskRunner, gpus: bool | None):
+    """On Ray with GPUs (and ``gpus`` not False): :class:`OneGpuPerTask` around ``runner``; else ``runner``."""
+    if gpus is False or not (spec == "ray" or spec.startswith("ray://")):
+        return runner
+    n = _cluster_gpus()
+    if n < 1:
+        if gpus:
+            log.warning("task runner %s: the Ray cluster has no GPUs; candidates run without one", spec)
+        return runner
+    log.info("task runner %s: one GPU per candidate (%g GPUs in the cluster)", spec, n)
+    return OneGpuPerTask(runner)
+
+
 @contextlib.contextmanager
-def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]:
+def candidate_runner(spec: str, workers: int = 2, gpus: bool | None = None) -> Iterator[TaskRunner | None]:
     """The started task runner for ``spec`` (None = submit to the flow's own runner); connects eagerly.
 
-    An unreachable cluster fails here, before any candidate is pruned, with a one-line error.
+    An unreachable cluster fails here, before any candidate is pruned, with a one-line error. ``gpus``
+    (Ray): None = one GPU per candidate task when the cluster has GPUs, False = never ask for one
+    (e.g. a ``--device cpu`` run).
     """
     runner = _make_runner(spec, workers)
     if runner is None:
@@ -144,7 +191,7 @@ def candidate_runner(spec: str, workers: int = 2) -> Iterator[TaskRunner | None]
         os.environ.update(saved_env)
     log.info("candidates run on %s", spec)
     try:
-        yield runner
+        yield _gpu_wrapped(spec, runner, gpus)
     finally:
         runner.__exit__(None, None, None)
 

@@ -3,6 +3,11 @@
 Every step reads what it needs from the store and writes what it made back, so steps can run in
 different processes or machines and a run can resume after the process dies. The Prefect tasks in
 ``tasks/`` are thin wrappers around these functions; the CLI and tests can call them directly.
+
+Device (``RunConfig.device``, resolved once per process by :attr:`RunContext.device`): Taylor calibration,
+inline and extended fine-tuning and every evaluation run there; the original model, the pruning (tracing,
+solving, cutting, MAC counting on CPU example inputs) and everything stored stay on the CPU (see
+:mod:`pruning.device`).
 """
 from __future__ import annotations
 
@@ -16,21 +21,22 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from torch import nn
 
-from agents.history import RevisionRecord
+from agents.history import RevisionRecord, device_note
 from agents.profiling import ProfileSummary, build_profile
 from agents.safety import SafetyValidator
 from agents.search import Evaluated, Measured
 from pruning.artifacts import ArtifactStore, RunLease, open_store, runs
 from pruning.checkpoint import bundle_bytes, make_bundle, read_bundle, rebuild
+from pruning.device import DeviceInfo, dask_worker_slot, describe_device, resolve_device
 from pruning.errors import UserError
 from pruning.models import ModelSpec, load_model, load_weights
 from pruning.plan import PruningPlan
 from pruning.profile import profile_model
 from pruning.solver import MacBand, check_below
-from pruning.space import PruningSpace, count_macs_params
+from pruning.space import count_macs_params
 from pruning.train import (
     DIGITS_RECOVERY_LR,
     ExtendedConfig,
@@ -42,9 +48,9 @@ from pruning.train import (
     state_from_bytes,
     state_to_bytes,
 )
-from pruning.train.data import DataConfig, DataSplits, build_data, check_num_classes
+from pruning.train.data import DataConfig, DataSplits, build_data, check_num_classes, loader_settings
 from tasks.config import DEFAULT_MODEL, RunConfig
-from tasks.contexts import ContextCache
+from tasks.contexts import ContextCache, spaces_for
 from tasks.prune_step import prune_candidate
 
 log = logging.getLogger(__name__)
@@ -86,9 +92,21 @@ class RunContext:
         self._original: nn.Module | None = None
         self._baseline: Baseline | None = None
         self._calibrated: nn.Module | None = None  # the original with Taylor calibration gradients
+        self._device: torch.device | None = None
 
     def key(self, name: str) -> str:
         return runs.key(self.run_id, name)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this process calibrates, fine-tunes and evaluates: ``config.device`` resolved here (a worker
+        of a local Dask cluster on a multi-GPU machine takes GPU ``worker index % GPUs``)."""
+        if self._device is None:
+            self._device = resolve_device(self.config.device, slot=dask_worker_slot())
+        return self._device
+
+    def device_info(self) -> DeviceInfo:
+        return describe_device(self.device)
 
     # -- data and models ------------------------------------------------------------------------
     @property
@@ -97,7 +115,8 @@ class RunContext:
 
     def data(self, model: nn.Module | None = None) -> DataSplits:
         if self._data is None:
-            cfg = DataConfig(spec=self.config.data, input_size=self.config.input_size, seed=self.config.seed)
+            cfg = DataConfig(spec=self.config.data, input_size=self.config.input_size, seed=self.config.seed,
+                             **loader_settings(self.config.data, self.device))
             self._data = build_data(cfg, model=model)
         return self._data
 
@@ -199,8 +218,8 @@ def prepare_original(ctx: RunContext, cache_dir: str | None = None) -> Baseline:
     base_macs, base_params = count_macs_params(model, example)
     target = cfg.resolve_target(base_macs)
     check_below(target, base_macs)
-    val = evaluate(model, data.val, progress_bar=False).top1
-    test = evaluate(model, data.test, progress_bar=False).top1
+    val = evaluate(model, data.val, device=ctx.device, progress_bar=False).top1
+    test = evaluate(model, data.test, device=ctx.device, progress_bar=False).top1
     key = ctx.key("original.pt")
     sha = ctx.store.put_torch(key, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     baseline = Baseline(key=key, sha256=sha, model_spec=spec.model_copy(update={"checkpoint": None, "pretrained": False,
@@ -218,7 +237,7 @@ def profile_run(ctx: RunContext) -> ProfileSummary:
     if ctx.store.exists(key):
         return ProfileSummary(**ctx.store.get_json(key))
     model, example = ctx.original(), ctx.example()
-    space = PruningSpace.build(model, example, PruningPlan())
+    space = spaces_for(ctx).get(model, example, PruningPlan())
     prof = profile_model(model, example, name=ctx.baseline().model_spec["name"], space=space)
     ctx.store.put_json(ctx.key("profile.json"), prof.model_dump(mode="json"))
     summary = build_profile(space, model_name=prof.model, dataset=ctx.config.data,
@@ -239,7 +258,8 @@ def _calibrated_copy(ctx: RunContext, plan: PruningPlan) -> nn.Module:
     if plan.importance == "taylor":
         if ctx._calibrated is None:
             torch.manual_seed(ctx.config.seed)
-            ctx._calibrated = calibrate_copy(model, ctx.data().calib, ctx.config.calibration_batches)
+            ctx._calibrated = calibrate_copy(model, ctx.data().calib, ctx.config.calibration_batches,
+                                             device=ctx.device)
         clone = copy.deepcopy(ctx._calibrated)  # deepcopy drops .grad: carry the gradients over
         for src, dst in zip(ctx._calibrated.parameters(), clone.parameters()):
             dst.grad = None if src.grad is None else src.grad.detach().clone()
@@ -284,12 +304,12 @@ def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyV
     model = _calibrated_copy(ctx, plan)
     calibrate_s = time.perf_counter() - t
     measured, pruned, space = prune_candidate(model, ctx.example(), plan, ctx.band(), seed=ctx.config.seed,
-                                              validator=validator, in_place=True)
+                                              validator=validator, in_place=True, spaces=spaces_for(ctx))
     measured.timings = {"calibrate": calibrate_s, **measured.timings}
     if pruned is None or not measured.in_band:
         return measured
     t = time.perf_counter()
-    measured.accuracy_before = evaluate(pruned, ctx.data().val, progress_bar=False).top1
+    measured.accuracy_before = evaluate(pruned, ctx.data().val, device=ctx.device, progress_bar=False).top1
     spec = ModelSpec(**ctx.baseline().model_spec)
     bundle = make_bundle(pruned, spec, measured.plan, space.pruning_history(), ctx.baseline().input_size,
                          metrics={"achieved_macs": measured.achieved_macs, "params": measured.params,
@@ -345,19 +365,21 @@ def finetune_revision(ctx: RunContext, measured: Measured, revision: int, candid
         ft = FinetuneConfig(epochs=cfg.inline_epochs, lr=ctx.inline_lr(), seed=cfg.seed + revision + 1000 * candidate,
                             mac_reduction=1 - (measured.achieved_macs or 0) / ctx.baseline().base_macs,
                             max_train_batches=cfg.max_train_batches, bn_recalibration=ctx.is_default_model,
-                            progress_bar=False)
+                            progress_bar=False, device=str(ctx.device))
         result = finetune(model, ctx.data(), ft, progress=False)
-    acc = evaluate(model, ctx.data().val, progress_bar=False).top1
+    acc = evaluate(model, ctx.data().val, device=ctx.device, progress_bar=False).top1
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     bundle["metrics"].update(val_accuracy=acc, inline_epochs=cfg.inline_epochs,
                              inline_lr=result.lr if result else None)
     key = runs.revision_key(ctx.run_id, revision, candidate)
     sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
+    info = ctx.device_info()
     evaluated = Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
                           timings={"finetune_eval_save": time.perf_counter() - t},
-                          notes=[f"fine-tuned on {worker_identity()}"])
+                          notes=[f"fine-tuned on {worker_identity()}", device_note(info.device, info.name)])
     ctx.store.put_json(_evaluated_key(ctx, revision, candidate),
-                       {"source_sha256": measured.checkpoint_sha256, "evaluated": evaluated.model_dump(mode="json")})
+                       {"source_sha256": measured.checkpoint_sha256, "evaluated": evaluated.model_dump(mode="json"),
+                        "device": info.model_dump(mode="json")})
     ctx.store.delete(measured.checkpoint_key)  # the pre-fine-tuning bundle is not needed any more
     return evaluated
 
@@ -390,6 +412,9 @@ class FinalModel(BaseModel):
     extended_best_epoch: int | None = None
     kept_inline_weights: bool = False
     seconds: float
+    device: str = Field("cpu", description="where extended fine-tuning and the final evaluation ran")
+    device_name: str | None = None
+    amp_dtype: str | None = Field(None, description="autocast dtype of extended fine-tuning; None = fp32")
 
 
 def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel:
@@ -399,29 +424,29 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
         return FinalModel(**ctx.store.get_json(ctx.key("final/model.json")))
     t = time.perf_counter()
     model, bundle = load_bundle(ctx, best.checkpoint_key, best.checkpoint_sha256)
-    data = ctx.data()
-    inline_test = evaluate(model, data.test, progress_bar=False).top1
+    data, dev = ctx.data(), ctx.device
+    inline_test = evaluate(model, data.test, device=dev, progress_bar=False).top1
     cfg = ctx.config
-    best_epoch = None
+    best_epoch = amp = None
     kept_inline = False
-    val_before = evaluate(model, data.val, progress_bar=False).top1
+    val_before = evaluate(model, data.val, device=dev, progress_bar=False).top1
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if cfg.extended_epochs > 0:
         ext = ExtendedConfig(epochs=cfg.extended_epochs, seed=cfg.seed,
                              lr=cfg.extended_lr or (DIGITS_RECOVERY_LR if ctx.is_default_model else None),
-                             max_train_batches=cfg.max_train_batches, progress_bar=False,
+                             max_train_batches=cfg.max_train_batches, progress_bar=False, device=str(dev),
                              mac_reduction=1 - (best.achieved_macs or 0) / ctx.baseline().base_macs)
         result = extended_finetune(model, ctx.original(), data, ext,
                                    checkpointer=StoreCheckpointer(ctx.store, ctx.key("extended/state.pt")),
                                    progress=progress if progress is not None else False)
-        best_epoch = result.best_epoch
+        best_epoch, amp = result.best_epoch, result.amp_dtype
         if result.best_val_acc < val_before:  # selection is on validation: never end worse than we started
             model.load_state_dict(before)
             kept_inline = True
             log.info("extended fine-tuning did not beat the inline-fine-tuned weights on validation (%.4f < %.4f); "
                      "keeping them", result.best_val_acc, val_before)
-    val = evaluate(model, data.val, progress_bar=False).top1
-    test = evaluate(model, data.test, progress_bar=False).top1
+    val = evaluate(model, data.val, device=dev, progress_bar=False).top1
+    test = evaluate(model, data.test, device=dev, progress_bar=False).top1
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     bundle["metrics"].update(val_accuracy=val, test_accuracy=test, extended_epochs=cfg.extended_epochs,
                              kept_inline_weights=kept_inline)
@@ -429,7 +454,7 @@ def finalize(ctx: RunContext, best: RevisionRecord, progress=None) -> FinalModel
     final = FinalModel(key=final_key, sha256=sha, revision=best.revision, achieved_macs=best.achieved_macs or 0.0,
                        params=best.params or 0, val_accuracy=val, test_accuracy=test, inline_test_accuracy=inline_test,
                        extended_epochs=cfg.extended_epochs, extended_best_epoch=best_epoch,
-                       kept_inline_weights=kept_inline,
+                       kept_inline_weights=kept_inline, device=str(dev), device_name=ctx.device_info().name, amp_dtype=amp,
                        seconds=time.perf_counter() - t)
     ctx.store.put_json(ctx.key("final/model.json"), final.model_dump(mode="json"))
     return final
@@ -441,8 +466,10 @@ def measure_latency(ctx: RunContext, final: FinalModel):
 
     model, _ = load_bundle(ctx, final.key, final.sha256)
     size = ctx.baseline().input_size
+    gpu = ctx.device.type == "cuda"  # --device cpu keeps the GPU out of the run, its benchmark included
     cfg = LatencyConfig(runs=ctx.config.latency_runs, warmup=max(2, ctx.config.latency_runs // 5),
-                        run_gpu=ctx.config.gpu_benchmark)
+                        run_gpu=ctx.config.gpu_benchmark and ctx.config.device != "cpu",
+                        gpu_device=str(ctx.device) if gpu else "cuda")
     with tempfile.TemporaryDirectory(prefix="agentic-pruner-latency-") as tmp:
         report = run_latency_benchmark(ctx.original(), model, (3, size, size), tmp, cfg)
         for path in Path(tmp).iterdir():

@@ -56,6 +56,11 @@ def test_flow_persists_and_resumes_from_last_iteration(flow_fn, tmp_path, cache)
             assert store.exists(r["step_key"])
     for name in ("config.json", "status.json", "model.json", "profile.json", "final/summary.md"):
         assert store.exists(runs.key("llm-resume", name)), name
+    # on this machine (no --device: auto) everything ran on the CPU in fp32, and the records say so
+    assert (first.device, first.dtype, first.peak_memory_gib) == ("cpu", "float32", None)
+    info = store.get_json(runs.key("llm-resume", "model.json"))
+    assert (info["device"], info["dtype"]) == ("cpu", "float32")
+    assert all(r["device"] == "cpu" for r in hist)
 
     resumed = flow_fn(cfg.model_copy(update={"max_iterations": 80}))
     assert resumed.resumed_iterations == 3 and resumed.new_iterations == resumed.iterations - 3
@@ -75,6 +80,24 @@ def test_flow_persists_and_resumes_from_last_iteration(flow_fn, tmp_path, cache)
 
     with pytest.raises(ValueError, match="different configuration"):
         flow_fn(cfg.model_copy(update={"target_sparsity": 0.4}))
+
+
+def test_run_keeps_its_dtype_when_resumed_elsewhere(flow_fn, tmp_path, monkeypatch):
+    """A run started in bf16 (what a GPU with native bf16 picks) resumes in bf16 on a machine that would pick
+    fp32: same fingerprint, exact replay; ``device`` is not part of the run's identity."""
+    import torch
+
+    from tasks import llm_steps
+
+    store_url = str(tmp_path / "store")
+    cfg = LLMRunConfig(store=store_url, run_id="llm-dtype", max_iterations=2, **QUICK)
+    with monkeypatch.context() as mp:
+        mp.setattr(llm_steps, "llm_dtype", lambda device: torch.bfloat16)
+        first = flow_fn(cfg)
+    assert first.dtype == "bfloat16" and first.iterations == 2
+    resumed = flow_fn(cfg.model_copy(update={"max_iterations": 3, "device": "cpu"}))
+    assert resumed.dtype == "bfloat16" and resumed.resumed_iterations == 2 and resumed.iterations == 3
+    assert open_store(store_url).get_json(runs.key("llm-dtype", "model.json"))["dtype"] == "bfloat16"
 
 
 def _parser():

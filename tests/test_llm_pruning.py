@@ -1,5 +1,6 @@
 """LLM pruning: Wanda, exact rollback, N:M, OWL, the embedded tiny Qwen3, the agent loop, the LLM strategist."""
 import json
+import math
 
 import pytest
 import torch
@@ -316,3 +317,93 @@ def test_masked_model_rejects_bad_rollback(sess):
     mm = MaskedModel(sess.model, sess.layers)
     with pytest.raises(RuntimeError):
         mm.rollback()
+
+
+# ------------------------------------------------------------------------------------------------
+# other architectures (random-init, tiny, built from transformers configs): GPT-2 stores its projections
+# as Conv1D ([in, out] weights); Llama, OPT and GPT-NeoX use nn.Linear under other block paths and names
+def _arch_model(arch: str):
+    import transformers as tf
+
+    tok = ByteTokenizer()
+    ids = dict(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":
+        cfg, cls = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **ids), tf.GPT2LMHeadModel
+    elif arch == "llama":
+        cfg, cls = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128, **ids), tf.LlamaForCausalLM
+    elif arch == "opt":
+        cfg, cls = tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                max_position_embeddings=128, word_embed_proj_dim=64, **ids), tf.OPTForCausalLM
+    else:
+        cfg, cls = tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    max_position_embeddings=128, **ids), tf.GPTNeoXForCausalLM
+    torch.manual_seed(0)
+    return cls(cfg).eval(), tok
+
+
+ARCH_DATA = DataConfig(seq_len=32, calib_sequences=4, grad_sequences=4, eval_tokens=512)
+ARCH_LAYERS = {"gpt2": {"0.c_attn", "0.c_proj", "0.c_fc", "0.mlp.c_proj"},
+               "llama": {"0.q_proj", "0.k_proj", "0.v_proj", "0.o_proj", "0.gate_proj", "0.up_proj", "0.down_proj"},
+               "opt": {"0.q_proj", "0.k_proj", "0.v_proj", "0.out_proj", "0.fc1", "0.fc2"},
+               "gpt_neox": {"0.query_key_value", "0.dense", "0.dense_h_to_4h", "0.dense_4h_to_h"}}
+
+
+@pytest.fixture(scope="module")
+def arch_data():
+    from pruning.llm.session import prepare_data
+
+    return prepare_data(ByteTokenizer(), ARCH_DATA)
+
+
+def test_conv1d_storage_index_hand_example():
+    from transformers.pytorch_utils import Conv1D
+
+    from pruning.llm.stats import LinearInfo, linear_map_kind
+
+    conv = Conv1D(3, 2)  # nf=3 outputs, nx=2 inputs: weight stored [in=2, out=3], y = x @ W + b
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(6.0).reshape(2, 3))
+    assert linear_map_kind(conv) == "conv1d" and linear_map_kind(nn.Linear(2, 3)) == "linear"
+    assert linear_map_kind(nn.Embedding(4, 2)) is None
+    info = LinearInfo("0.c", "c", 0, "c", conv, transposed=True)
+    assert info.weight.shape == (3, 2) and info.in_features == 2
+    logical = torch.arange(6)  # [out, in] row-major: (o0,i0) (o0,i1) (o1,i0) ...
+    assert info.weight.reshape(-1)[logical].tolist() == conv.weight.view(-1)[info.storage_index(logical)].tolist()
+    mm = MaskedModel(conv, {"0.c": info})
+    step = mm.prune({"0.c": torch.tensor([1, 4])})  # out 0 / in 1 and out 2 / in 0
+    assert conv.weight.tolist() == [[0.0, 1.0, 0.0], [0.0, 4.0, 5.0]]
+    assert mm.masks["0.c"].tolist() == [[True, False], [True, True], [False, True]]
+    mm.rollback(step)
+    assert conv.weight.view(-1).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "opt", "gpt_neox"])
+def test_other_architectures_prune_to_half_reload_and_generate(arch, arch_data, tmp_path):
+    """Wanda at 50 % and the agent loop on each architecture; the saved model reloads with its zeros and
+    generates."""
+    model, tok = _arch_model(arch)
+    sess = PruneSession(model, tok, arch_data, ARCH_DATA, arch)
+    assert set(ARCH_LAYERS[arch]) <= set(sess.layers) and len(sess.layers) == 2 * len(ARCH_LAYERS[arch])
+    assert all(l.grad > 0 and l.wanda > 0 for l in sess.profile.layers)
+    before = _snapshot(model)
+    baselines.wanda_prune(sess.mm, sess.norms, 0.5)
+    assert sess.mm.overall_sparsity() == pytest.approx(0.5)
+    for name, info in sess.layers.items():  # the zeros are where the [out, in] masks say (Conv1D included)
+        assert torch.equal(info.weight.detach() == 0, ~sess.mm.masks[name]), name
+    sess.reset()
+    assert _equal(_snapshot(model), before)
+    res = run_prune_agent(sess, HeuristicPruneStrategist(), LLMPruneConfig(target_sparsity=0.5, rollback_threshold=50.0))
+    assert res.reached and sess.mm.overall_sparsity() == pytest.approx(0.5, abs=0.005)
+    assert math.isfinite(sess.val_ppl())
+    out = tmp_path / arch
+    model.save_pretrained(str(out))
+    tok.save(out)
+    reloaded, tok2 = load_causal_lm(out)
+    again = prunable_linears(reloaded)
+    zeros = sum(int((i.weight == 0).sum()) for i in again.values()) / sum(i.params for i in again.values())
+    assert zeros == pytest.approx(sess.mm.overall_sparsity(), abs=1e-3)
+    prompt = torch.tensor([tok2.encode("def main", add_bos=True)])
+    gen = reloaded.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok2.pad_token_id)
+    assert gen.shape == (1, prompt.shape[1] + 6)

@@ -270,7 +270,7 @@ def test_get_torch_refuses_arbitrary_pickles(store):
     buf = io.BytesIO()
     torch.save({"payload": _Evil()}, buf)
     store.put_bytes("runs/r1/evil.pt", buf.getvalue())  # valid sidecar: only weights_only protects us
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(StoreError, match="never unpickled"):
         store.get_torch("runs/r1/evil.pt")
     assert _REDUCE_CALLED == []
 

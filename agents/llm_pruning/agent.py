@@ -351,7 +351,7 @@ class PruneAgentLoop:
                 notes.append(f"increases scaled by {f:.3f} to land on the target")
         indices = {}
         for n, s in wanted.items():
-            w = mm.layers[n].module.weight
+            w = mm.layers[n].weight  # [out, in], also for GPT-2's Conv1D
             if self.nm is None:
                 cols = w.shape[1]
                 k_cur = round(mm.layer_sparsity(n) * cols)
@@ -370,7 +370,8 @@ class PruneAgentLoop:
         common = dict(iteration=it, strategist=proposal.strategist, requested=proposal.decision.layers,
                       rationale=proposal.decision.rationale, fallback_reason=proposal.fallback_reason,
                       raw_reply=proposal.raw_reply, notes=proposal.notes + notes, sparsity_before=before,
-                      ppl_before=self.current_ppl, propose_seconds=proposal.seconds)
+                      ppl_before=self.current_ppl, propose_seconds=proposal.seconds,
+                      device=str(next(self.mm.model.parameters()).device))
         if not indices or sum(int(i.numel()) for i in indices.values()) == 0:
             self.stalls += 1
             rec = IterationRecord(**common, applied={}, sparsity_after=before, accepted=False,

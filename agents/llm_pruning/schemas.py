@@ -103,6 +103,7 @@ class IterationRecord(BaseModel):
     propose_seconds: float = 0.0
     eval_seconds: float = 0.0
     seconds: float = 0.0
+    device: str | None = Field(None, description="where the step was applied and evaluated ('cpu', 'cuda:0')")
 
     @property
     def layers(self) -> list[str]:

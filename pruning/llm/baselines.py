@@ -32,7 +32,7 @@ def prune_to_allocation(mm: MaskedModel, allocation: dict[str, float], norms: di
     """Bring each named layer to its sparsity (Wanda scores when ``norms`` is given, else magnitude)."""
     indices = {}
     for name, s in allocation.items():
-        w = mm.layers[name].module.weight
+        w = mm.layers[name].weight
         scores = wanda_scores(w, norms[name]) if norms is not None else magnitude_scores(w)
         indices[name] = select_prune_indices(scores, mm.masks[name], s, nm=nm, per_row=per_row)
     return mm.prune(indices, iteration=iteration)
@@ -54,7 +54,7 @@ def owl_outlier_ratios(mm: MaskedModel, norms: dict[str, torch.Tensor], m: float
     """``{block: D_block}``: fraction of the block's Wanda scores (all its linears together) above m x mean."""
     by_block: dict[int, list[torch.Tensor]] = defaultdict(list)
     for name, info in mm.layers.items():
-        by_block[info.block].append(wanda_scores(info.module.weight, norms[name]).reshape(-1))
+        by_block[info.block].append(wanda_scores(info.weight, norms[name]).reshape(-1))
     out = {}
     for b, parts in sorted(by_block.items()):
         s = torch.cat(parts)

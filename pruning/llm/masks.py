@@ -1,6 +1,9 @@
 """Mask-based pruning with exact rollback and sparsity accounting over the prunable linears.
 
-:class:`MaskedModel` keeps one boolean keep-mask per prunable linear and zeroes weights *in place*.
+:class:`MaskedModel` keeps one boolean keep-mask per prunable linear (on the CPU, in the ``[out, in]``
+layout of :attr:`~pruning.llm.stats.LinearInfo.weight`) and zeroes weights *in place* on the model's
+device (indices are moved there per layer; a ``Conv1D``'s ``[in, out]`` storage is addressed through
+:meth:`~pruning.llm.stats.LinearInfo.storage_index`).
 Every :meth:`MaskedModel.prune` returns a :class:`PruneStep` holding, per layer, the flat indices it
 zeroed and the original values at those indices (a clone, same dtype). :meth:`MaskedModel.rollback`
 writes those values back, so undoing a step restores the weights bit-exactly without keeping model
@@ -72,7 +75,7 @@ class MaskedModel:
             if not info.module.weight.is_contiguous():
                 raise ValueError(f"weight of {n} is not contiguous")
         self.masks: dict[str, torch.Tensor] = {
-            n: torch.ones(i.module.weight.shape, dtype=torch.bool, device="cpu") for n, i in self.layers.items()}
+            n: torch.ones(i.weight.shape, dtype=torch.bool, device="cpu") for n, i in self.layers.items()}
         self.steps: list[PruneStep] = []
         self.total_params = sum(i.params for i in self.layers.values())
 
@@ -108,8 +111,9 @@ class MaskedModel:
             idx = idx[mask[idx]]
             if idx.numel() == 0:
                 continue
-            flat = self.layers[name].module.weight.data.view(-1)
-            dev_idx = idx.to(flat.device)
+            info = self.layers[name]
+            flat = info.module.weight.data.view(-1)
+            dev_idx = info.storage_index(idx).to(flat.device)
             values = flat[dev_idx].clone()
             flat[dev_idx] = 0
             mask[idx] = False
@@ -126,8 +130,9 @@ class MaskedModel:
             raise RuntimeError("only the most recent step can be rolled back")
         step = self.steps.pop()
         for name, (idx, values) in step.removed.items():
-            flat = self.layers[name].module.weight.data.view(-1)
-            flat[idx.to(flat.device)] = values.to(flat.device, flat.dtype)
+            info = self.layers[name]
+            flat = info.module.weight.data.view(-1)
+            flat[info.storage_index(idx).to(flat.device)] = values.to(flat.device, flat.dtype)
             self.masks[name].view(-1)[idx] = True
         return step
 
@@ -136,7 +141,8 @@ class MaskedModel:
         """Re-apply a persisted step to the original weights (resume). Verifies the stored values match."""
         if check_values:
             for name, (idx, values) in step.removed.items():
-                cur = self.layers[name].module.weight.data.view(-1)[idx.to(self.layers[name].module.weight.device)]
+                info = self.layers[name]
+                cur = info.module.weight.data.view(-1)[info.storage_index(idx).to(info.module.weight.device)]
                 if not torch.equal(cur.cpu(), values.to(cur.dtype)):
                     raise ValueError(f"persisted step {step.iteration} does not match the model's weights in {name}")
         new = self.prune({n: i for n, (i, _) in step.removed.items()}, iteration=step.iteration)

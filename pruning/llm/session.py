@@ -7,6 +7,11 @@ Everything the agent loop, the baselines, the flow and the benchmark share, in p
     sess.val_ppl(); sess.test_ppl(); sess.profile; sess.norms; sess.mm (MaskedModel)
 
 Validation text drives the agent's rollbacks; test text is only reported (no selection on it).
+
+Device: ``from_model_path`` / ``embedded`` take a ``device`` and a ``dtype`` (:func:`llm_dtype`: bf16 on a
+GPU with native bf16, else fp32). The model is read in that dtype and lives on the device for the whole
+session: activation statistics, gradient scores, Wanda scores, the selection and the perplexities are
+computed there in batches; the keep-masks and the persisted steps stay on the CPU.
 """
 from __future__ import annotations
 
@@ -38,7 +43,30 @@ from pruning.llm.tiny_model import (
     token_stream,
 )
 
-__all__ = ["DataConfig", "LLMData", "prepare_data", "PruneSession", "text_file_splits"]
+__all__ = ["DataConfig", "LLMData", "prepare_data", "PruneSession", "text_file_splits", "llm_dtype", "dtype_name",
+           "parse_dtype"]
+
+
+def llm_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype an LLM is held in on ``device``: bf16 on a GPU with native bf16 (compute capability 8.0+),
+    else fp32 (the CPU, and older GPUs, where fp16 activations can overflow and unscaled fp16 gradients
+    underflow)."""
+    from pruning.device import amp_dtype
+
+    return torch.bfloat16 if amp_dtype(device) == torch.bfloat16 else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (float32, bfloat16, float16)."""
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: expected one of {', '.join(table)}")
+    return table[name]
 
 
 @dataclass(frozen=True)
@@ -101,16 +129,27 @@ class PruneSession:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_model_path(cls, path: str | os.PathLike[str], data_config: DataConfig = DataConfig()) -> "PruneSession":
-        model, tok = load_causal_lm(path)
+    def from_model_path(cls, path: str | os.PathLike[str], data_config: DataConfig = DataConfig(), *,
+                        device: str | torch.device | None = None, dtype: torch.dtype = torch.float32
+                        ) -> "PruneSession":
+        model, tok = load_causal_lm(path, dtype=dtype, device=device)
         return cls(model, tok, prepare_data(tok, data_config), data_config, str(path))
 
     @classmethod
     def embedded(cls, tiny: TinyLMConfig = TinyLMConfig(), data_config: DataConfig | None = None,
-                 cache_dir: str | os.PathLike[str] | None = None) -> "PruneSession":
-        model, tok, info = load_tiny_model(tiny, cache_dir)
+                 cache_dir: str | os.PathLike[str] | None = None, *, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32) -> "PruneSession":
+        model, tok, info = load_tiny_model(tiny, cache_dir, dtype=dtype, device=device)
         dc = data_config or DataConfig(seq_len=tiny.seq_len)
         return cls(model, tok, prepare_data(tok, dc), dc, info["path"], info)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
     # -- statistics -----------------------------------------------------------------------------
     def compute_stats(self) -> SensitivityProfile:

@@ -1,7 +1,11 @@
 """Calibration statistics of a causal LM's prunable linears and the per-layer sensitivity profile.
 
-* :func:`prunable_linears` - every ``nn.Linear`` inside the decoder blocks (attention and MLP
-  projections), with short names such as ``"0.q_proj"`` (block index + leaf name).
+* :func:`prunable_linears` - every linear map inside the decoder blocks (attention and MLP
+  projections), with short names such as ``"0.q_proj"`` (block index + leaf name): ``nn.Linear`` (and its
+  subclasses; weight ``[out, in]``) and transformers' ``Conv1D`` of the GPT-2 family (weight stored
+  ``[in, out]``). :attr:`LinearInfo.weight` is always the ``[out, in]`` view, and every flat index used by
+  the selection, the masks and the persisted steps is into that view (``row * in + col``);
+  :meth:`LinearInfo.storage_index` maps it to the stored tensor (the identity for ``nn.Linear``).
 * :func:`activation_norms` - ``||X_j||_2`` of every input feature of every prunable linear over the
   calibration tokens, collected by forward hooks on the linears' inputs (the hooks return None, so the
   forward pass is unchanged; they are removed afterwards).
@@ -22,7 +26,7 @@ from pydantic import BaseModel, Field
 from torch import nn
 
 __all__ = [
-    "LinearInfo", "prunable_linears", "calibration_windows", "activation_norms", "gradient_scores",
+    "LinearInfo", "linear_map_kind", "prunable_linears", "calibration_windows", "activation_norms", "gradient_scores",
     "LayerStats", "SensitivityProfile", "build_profile", "zscores",
 ]
 
@@ -32,12 +36,42 @@ class LinearInfo:
     name: str  # short: "<block>.<leaf>", e.g. "0.q_proj"
     module_name: str  # full: "model.layers.0.self_attn.q_proj"
     block: int
-    kind: str  # leaf name: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, ...
-    module: nn.Linear
+    kind: str  # leaf name: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, c_attn, ...
+    module: nn.Module  # nn.Linear, or a Conv1D-style module whose weight is stored [in, out]
+    transposed: bool = False  # weight stored [in, out] (transformers' Conv1D)
 
     @property
     def params(self) -> int:
         return self.module.weight.numel()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as ``[out, in]`` (a view of the parameter: writes go through)."""
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    def storage_index(self, flat: torch.Tensor) -> torch.Tensor:
+        """Flat indices into :attr:`weight` (``row * in + col``) -> flat indices into the stored parameter."""
+        if not self.transposed:
+            return flat
+        n_in, n_out = self.module.weight.shape
+        return (flat % n_in) * n_out + flat // n_in
+
+
+def linear_map_kind(module: nn.Module) -> str | None:
+    """``"linear"`` for ``nn.Linear`` (and subclasses), ``"conv1d"`` for transformers' ``Conv1D`` (GPT-2 family:
+    ``y = x @ W + b`` with ``W`` stored ``[in, out]``), else None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    w = getattr(module, "weight", None)
+    if (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
+            and getattr(module, "nf", None) == w.shape[1]):
+        return "conv1d"
+    return None
 
 
 def _decoder_blocks(model: nn.Module) -> Sequence[nn.Module] | None:
@@ -53,10 +87,10 @@ def _decoder_blocks(model: nn.Module) -> Sequence[nn.Module] | None:
 
 
 def prunable_linears(model: nn.Module) -> dict[str, LinearInfo]:
-    """Ordered ``{short name: LinearInfo}`` of the linears inside the decoder blocks.
+    """Ordered ``{short name: LinearInfo}`` of the linear maps inside the decoder blocks.
 
     Embeddings, the LM head and norms are never pruned. Models without a recognisable block list fall
-    back to every ``nn.Linear`` except the output embedding.
+    back to every linear map except the output embedding.
     """
     full_names = {id(m): n for n, m in model.named_modules()}
     out: dict[str, LinearInfo] = {}
@@ -64,19 +98,21 @@ def prunable_linears(model: nn.Module) -> dict[str, LinearInfo]:
     if blocks is not None:
         for b, block in enumerate(blocks):
             for sub, mod in block.named_modules():
-                if isinstance(mod, nn.Linear):
+                kind = linear_map_kind(mod)
+                if kind is not None:
                     leaf = sub.rsplit(".", 1)[-1]
                     name = f"{b}.{leaf}"
                     if name in out:  # same leaf name twice in one block: use the dotted path
                         name = f"{b}.{sub}"
-                    out[name] = LinearInfo(name, full_names[id(mod)], b, leaf, mod)
+                    out[name] = LinearInfo(name, full_names[id(mod)], b, leaf, mod, kind == "conv1d")
         return out
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for full, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and mod is not head:
+        kind = linear_map_kind(mod)
+        if kind is not None and mod is not head:
             m = re.search(r"\.(\d+)\.", f".{full}.")
             b = int(m.group(1)) if m else 0
-            out[full] = LinearInfo(full, full, b, full.rsplit(".", 1)[-1], mod)
+            out[full] = LinearInfo(full, full, b, full.rsplit(".", 1)[-1], mod, kind == "conv1d")
     return out
 
 
@@ -99,7 +135,8 @@ def activation_norms(model: nn.Module, tokens: torch.Tensor, layers: dict[str, L
                      batch_size: int = 8, max_sequences: int = 128) -> dict[str, torch.Tensor]:
     """``{name: ||X_j||_2}`` (float32, on CPU) over all calibration tokens, via forward hooks on inputs.
 
-    At most ``max_sequences`` rows of ``tokens`` are used (bounded calibration cost).
+    At most ``max_sequences`` rows of ``tokens`` are used (bounded calibration cost); the forward passes run
+    on the model's device in batches of ``batch_size`` sequences, the sums are accumulated there in float32.
     """
     layers = layers if layers is not None else prunable_linears(model)
     tokens = tokens[:max_sequences]
@@ -136,7 +173,8 @@ def gradient_scores(model: nn.Module, tokens: torch.Tensor, layers: dict[str, Li
     """``{name: mean |W * dL/dW|}`` from the calibration language-modelling loss (one backward).
 
     Only the prunable weights get gradients (others are frozen for the pass and restored after); the
-    gradients are freed afterwards. Pruned (zero) weights contribute zero.
+    gradients are freed afterwards. Pruned (zero) weights contribute zero. Micro-batches of ``batch_size``
+    sequences on the model's device (in its dtype, e.g. bf16 on CUDA), gradients accumulated.
     """
     layers = layers if layers is not None else prunable_linears(model)
     tokens = tokens[:max_sequences]
@@ -217,7 +255,7 @@ def build_profile(layers: dict[str, LinearInfo], norms: dict[str, torch.Tensor],
     names = list(layers)
     wanda, outl = [], []
     for n in names:
-        w = layers[n].module.weight.detach().float().abs() * norms[n].to(layers[n].module.weight.device)[None, :]
+        w = layers[n].weight.detach().float().abs() * norms[n].to(layers[n].weight.device)[None, :]
         mean = float(w.mean())
         wanda.append(mean)
         outl.append(float((w > outlier_m * mean).float().mean()) if mean > 0 else 0.0)

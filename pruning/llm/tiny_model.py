@@ -14,7 +14,9 @@
   ``save_pretrained`` directory plus ``byte_tokenizer.json`` and ``training.json`` (random-init and
   trained perplexity on validation and test, seconds, steps).
 
-:func:`load_causal_lm` loads any Hugging Face causal LM from a local directory (this one included).
+:func:`load_causal_lm` loads any Hugging Face causal LM from a local directory (this one included), in
+a given dtype and onto a given device. The tiny model is always *trained* on the CPU (fixed seed, so the
+cached weights are the same on every machine); a CUDA run then loads it in bf16 onto the GPU.
 """
 from __future__ import annotations
 
@@ -151,10 +153,12 @@ def _quiet_progress():
 
 
 def load_causal_lm(model_path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
-                   with_tokenizer: bool = True):
-    """Load a Hugging Face causal LM (``AutoModelForCausalLM``) from a local directory, eval mode, CPU.
+                   with_tokenizer: bool = True, device: str | torch.device | None = None):
+    """Load a Hugging Face causal LM (``AutoModelForCausalLM``) from a local directory, eval mode.
 
-    Returns ``(model, tokenizer)`` (tokenizer None when ``with_tokenizer=False``). Raises
+    The weights are read straight into ``dtype`` (bf16 halves the host memory of a fp32 checkpoint and keeps
+    transformers' own fp32 buffers such as rotary frequencies), then moved to ``device`` (None: stays on the
+    CPU). Returns ``(model, tokenizer)`` (tokenizer None when ``with_tokenizer=False``). Raises
     :class:`ModelNotFound` with one line when the directory is missing or holds no loadable model.
     """
     path = Path(model_path).expanduser()
@@ -171,6 +175,8 @@ def load_causal_lm(model_path: str | os.PathLike[str], *, dtype: torch.dtype = t
         raise ModelNotFound(f"cannot load a causal LM from {path}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from exc
     model.eval()
+    if device is not None and torch.device(device) != torch.device("cpu"):
+        model.to(device)
     return model, (load_tokenizer(path) if with_tokenizer else None)
 
 
@@ -392,15 +398,16 @@ def train_tiny_model(cfg: TinyLMConfig = TinyLMConfig(), cache_dir: str | os.Pat
 
 
 def load_tiny_model(cfg: TinyLMConfig = TinyLMConfig(), cache_dir: str | os.PathLike[str] | None = None, *,
-                    train_if_missing: bool = True):
-    """``(model, tokenizer, info)`` of the embedded default, training it first when not cached."""
+                    train_if_missing: bool = True, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device | None = None):
+    """``(model, tokenizer, info)`` of the embedded default, training it first (on the CPU) when not cached."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else llm_cache_dir()
     path = cache / cfg.key()
     if not (path / INFO_FILE).is_file():
         if not train_if_missing:
             raise ModelNotFound(f"tiny model not cached at {path}")
         path = train_tiny_model(cfg, cache)
-    model, tok = load_causal_lm(path)
+    model, tok = load_causal_lm(path, dtype=dtype, device=device)
     info = json.loads((path / INFO_FILE).read_text())
     info["path"] = str(path)
     return model, tok, info

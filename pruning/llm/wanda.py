@@ -3,7 +3,8 @@
 Wanda (Sun et al., 2023): ``S_ij = |W_ij| * ||X_j||_2`` where ``X_j`` is input feature j over the
 calibration tokens; within each output row, the weights with the lowest scores are removed.
 
-All selection functions are *incremental*: they take the current keep-mask and return flat indices
+Scores are computed and sorted on the weight's device (the GPU in a CUDA run), one layer at a time;
+the chosen indices come back to the CPU. All selection functions are *incremental*: they take the current keep-mask and return flat indices
 (into ``weight.view(-1)``) of weights to remove *in addition*, so that already pruned weights stay
 pruned and a step can be undone exactly by restoring just those indices.
 """
@@ -52,7 +53,7 @@ def row_count(sparsity: float, in_features: int) -> int:
 def _masked(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     s = scores.float().clone()
     if keep is not None:
-        s[~keep] = float("-inf")  # already pruned: sorted first, never "un-pruned"
+        s[~keep.to(s.device)] = float("-inf")  # already pruned: sorted first, never "un-pruned"
     return s
 
 

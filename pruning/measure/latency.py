@@ -15,7 +15,6 @@ import contextlib
 import copy
 import gc
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, Field
 
+from pruning.device import available_cpus, cpu_name  # noqa: F401  (re-exported for callers)
 from pruning.measure.export import (
     ExporterChoice,
     ExportResult,
@@ -82,32 +82,14 @@ def latency_stats(times_ms: Sequence[float], **kw: Any) -> LatencyStats:
 # --------------------------------------------------------------------------- device info
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (affinity-aware; falls back to ``os.cpu_count()``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    """CPU model string from /proc/cpuinfo, else from :mod:`platform`."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
-def gpu_name() -> str | None:
-    """Name of CUDA device 0, or ``None`` when CUDA is not available."""
+def gpu_name(device: str | int | torch.device = 0) -> str | None:
+    """Name of a CUDA device (device 0 by default; ``'cuda'`` = the current one), or ``None`` without CUDA."""
     if not torch.cuda.is_available():
         return None
     try:
-        return torch.cuda.get_device_name(0)
+        if str(device) == "cuda":
+            device = torch.cuda.current_device()
+        return torch.cuda.get_device_name(device)
     except Exception:  # noqa: BLE001
         return None
 

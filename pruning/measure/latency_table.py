@@ -45,6 +45,7 @@ class LatencyConfig(BaseModel):
     atol: float = Field(1e-3, description="Max |torch - onnxruntime| accepted at export.")
     rtol: float = Field(1e-4, description="Extra tolerance relative to the output scale (random-weight logits can be large).")
     run_gpu: bool = Field(True, description="Run the GPU benchmark when CUDA is present (skipped otherwise).")
+    gpu_device: str = Field("cuda", description="CUDA device of the GPU benchmark ('cuda' = the current one, 'cuda:N').")
     gpu_batch_size: int = Field(256, ge=1, description="Paper Table 3 reports GPU latency at batch 256.")
     gpu_warmup: int = Field(10, ge=0, description="GPU warm-up iterations (compilation happens in the first).")
     gpu_runs: int = Field(50, ge=1, description="Timed GPU iterations (CUDA events).")
@@ -209,7 +210,7 @@ def latency_report(
             gpu[nm] = Skipped(reason="GPU benchmark disabled (config.run_gpu=False)")
         else:
             gpu[nm] = benchmark_torch_gpu(m, input_size, cfg.gpu_batch_size, cfg.compile, cfg.amp,
-                                          cfg.gpu_warmup, cfg.gpu_runs)
+                                          cfg.gpu_warmup, cfg.gpu_runs, device=cfg.gpu_device)
     g0 = gpu[names[0]]
     rows = []
     for i, (nm, m) in enumerate(zip(names, (original, pruned))):
@@ -228,7 +229,7 @@ def latency_report(
         rows.append(LatencyRow(
             model=nm, params_m=params_millions(m), size_mb=model_size_mb(m), macs_g=_macs_g(m, input_size),
             peak_gpu_mem_mb=g_mem, gpu_batch_size=cfg.gpu_batch_size, gpu_latency_ms=g_lat, gpu_speedup=g_speed,
-            gpu_mode=g_mode, cpu=cells, cpu_threads=cpu.threads, cpu_device=cpu.device, gpu_device=gpu_name(),
+            gpu_mode=g_mode, cpu=cells, cpu_threads=cpu.threads, cpu_device=cpu.device, gpu_device=gpu_name(cfg.gpu_device),
         ))
     return LatencyReport(
         rows=rows, input_size=input_size, config=cfg, cpu=cpu, gpu=gpu,

@@ -2,6 +2,12 @@
 
 :func:`calibration_gradients` / :func:`calibrated` work on a model the caller owns;
 :func:`calibrate_copy` deep-copies first so the saved model is untouched.
+
+``device``: the forward/backward passes run there (the model moves there for the call and back
+afterwards, gradients included: ``nn.Module.to`` moves ``.grad`` with the parameters), so Torch-Pruning
+can trace and cut the calibrated CPU copy. On CUDA with native bf16 the passes run under bf16 autocast
+(parameters and their gradients stay fp32); fp16 is not used here, since unscaled fp16 gradients could
+underflow to zero and change the Taylor ranking.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pruning.device import amp_dtype, autocast, on_device
 from pruning.train._common import _resolve_device
 
 __all__ = ["zero_grads", "calibration_gradients", "calibrated", "calibrate_copy"]
@@ -43,25 +50,30 @@ def calibration_gradients(
     """
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     dev = _resolve_device(model, device)
+    dtype = amp_dtype(dev)
+    dtype = dtype if dtype == torch.bfloat16 else None
     was_training = model.training
-    model.eval()
     if zero_first:
         zero_grads(model)
     batches = samples = 0
     total = 0.0
-    try:
-        with torch.enable_grad():
-            for x, y in loader:
-                if batches >= num_batches:
-                    break
-                x, y = x.to(dev), y.to(dev)
-                loss = loss_fn(model(x), y)
-                (loss / max(1, num_batches)).backward()
-                total += float(loss.detach())
-                batches += 1
-                samples += int(y.shape[0])
-    finally:
-        model.train(was_training)
+    with on_device(model, dev):
+        model.eval()
+        try:
+            with torch.enable_grad():
+                for x, y in loader:
+                    if batches >= num_batches:
+                        break
+                    x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                    with autocast(dev, dtype):
+                        logits = model(x)
+                    loss = loss_fn(logits.float(), y)
+                    (loss / max(1, num_batches)).backward()
+                    total += float(loss.detach())
+                    batches += 1
+                    samples += int(y.shape[0])
+        finally:
+            model.train(was_training)
     if batches and batches < num_batches:  # loader shorter than requested: rescale to a mean
         for p in model.parameters():
             if p.grad is not None:
@@ -75,9 +87,11 @@ def calibrated(
     loader: DataLoader,
     num_batches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    device: str | torch.device | None = None,
 ) -> Iterator[dict]:
     """Context manager: gradients accumulated on entry, cleared (:func:`zero_grads`) on exit."""
-    stats = calibration_gradients(model, loader, num_batches, loss_fn)
+    stats = calibration_gradients(model, loader, num_batches, loss_fn, device=device)
     try:
         yield stats
     finally:
@@ -89,12 +103,15 @@ def calibrate_copy(
     loader: DataLoader,
     num_batches: int,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    *,
+    device: str | torch.device | None = None,
 ) -> nn.Module:
-    """Deep-copy ``model`` and accumulate calibration gradients on the copy only.
+    """Deep-copy ``model`` and accumulate calibration gradients on the copy only (computed on ``device``;
+    the copy and its gradients end where ``model`` is).
 
     The original's weights, buffers and ``.grad`` are left exactly as they were.
     """
     clone = copy.deepcopy(model)
     zero_grads(clone)
-    calibration_gradients(clone, loader, num_batches, loss_fn)
+    calibration_gradients(clone, loader, num_batches, loss_fn, device=device)
     return clone

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from pruning.device import available_cpus, loader_workers
 from pruning.errors import UserError
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "model_num_classes",
     "digits_splits",
     "make_loader",
+    "loader_settings",
     "DIGITS_MEAN",
     "DIGITS_STD",
 ]
@@ -71,7 +73,10 @@ class DataConfig(BaseModel):
         eval_batch_size: batch size for calib/val/test loaders; larger is faster and
             does not change results.
         num_workers: DataLoader worker processes; 0 keeps everything in-process (safe in
-            tests and Prefect tasks).
+            tests and Prefect tasks). Inside a daemonic process (a Dask worker) 0 is used whatever
+            is asked, since such a process may not start children.
+        pin_memory: page-locked batches, so copies to a CUDA device overlap compute
+            (:func:`loader_settings` turns it and the workers on for ImageFolder data on CUDA).
         seed: seeds the training-loader shuffle and the ImageFolder calibration subset,
             so runs are repeatable.
         split_seed: seeds the digits train/calib/val/test split. Kept separate from
@@ -91,6 +96,7 @@ class DataConfig(BaseModel):
     batch_size: int = Field(64, ge=1, description="training batch size (paper: 64)")
     eval_batch_size: int = Field(256, ge=1, description="batch size of calib/val/test loaders")
     num_workers: int = Field(0, ge=0, description="DataLoader workers; 0 = in-process")
+    pin_memory: bool = Field(False, description="pinned host memory for fast copies to a CUDA device")
     seed: int = Field(0, description="shuffle / calibration-subset seed")
     split_seed: int = Field(0, description="seed of the fixed digits split")
     train_frac: float = Field(0.60, gt=0, lt=1, description="digits train fraction")
@@ -146,6 +152,10 @@ class DataSplits:
 # --------------------------------------------------------------------------- helpers
 
 
+def _loader_kw(config: DataConfig) -> dict[str, Any]:
+    return {"num_workers": config.num_workers, "pin_memory": config.pin_memory}
+
+
 def _scheme(spec: str) -> str:
     if spec == "digits":
         return "digits"
@@ -162,19 +172,30 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     drop_last: bool = False,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose shuffle order is fixed by ``seed`` (own ``torch.Generator``)."""
+    """A DataLoader whose shuffle order is fixed by ``seed`` (own ``torch.Generator``); workers only where a
+    process may start them (:func:`pruning.device.loader_workers`)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        num_workers=num_workers,
+        num_workers=loader_workers(num_workers),
         drop_last=drop_last,
-        pin_memory=False,
+        pin_memory=pin_memory,
         persistent_workers=False,
     )
+
+
+def loader_settings(spec: str, device: torch.device | str) -> dict[str, Any]:
+    """``num_workers`` / ``pin_memory`` for a data spec on ``device``: decoding and augmenting ImageFolder
+    images feeds a GPU only with worker processes (up to 8, one CPU left for the main process) and pinned
+    memory; the embedded digits are in-memory tensors (0 workers, the CPU path unchanged)."""
+    if torch.device(device).type != "cuda" or _scheme(spec) != "imagefolder":
+        return {}
+    return {"num_workers": max(1, min(8, available_cpus() - 1)), "pin_memory": True}
 
 
 def model_num_classes(model: nn.Module) -> int | None:
@@ -261,10 +282,10 @@ def _build_digits(config: DataConfig) -> DataSplits:
     sets = {name: TensorDataset(x[ix], y[ix]) for name, ix in splits.items()}
     return DataSplits(
         train=make_loader(sets["train"], config.batch_size, shuffle=True, seed=config.seed,
-                          num_workers=config.num_workers),
-        calib=make_loader(sets["calib"], config.eval_batch_size, num_workers=config.num_workers),
-        val=make_loader(sets["val"], config.eval_batch_size, num_workers=config.num_workers),
-        test=make_loader(sets["test"], config.eval_batch_size, num_workers=config.num_workers),
+                          **_loader_kw(config)),
+        calib=make_loader(sets["calib"], config.eval_batch_size, **_loader_kw(config)),
+        val=make_loader(sets["val"], config.eval_batch_size, **_loader_kw(config)),
+        test=make_loader(sets["test"], config.eval_batch_size, **_loader_kw(config)),
         num_classes=10,
         input_size=(3, size, size),
         class_names=[str(i) for i in range(10)],
@@ -401,10 +422,10 @@ def _build_imagefolder(config: DataConfig, model: nn.Module | None) -> DataSplit
     c, h, w = cfg["input_size"]
     return DataSplits(
         train=make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed,
-                          num_workers=config.num_workers),
-        calib=make_loader(calib_set, config.eval_batch_size, num_workers=config.num_workers),
-        val=make_loader(val_set, config.eval_batch_size, num_workers=config.num_workers),
-        test=make_loader(test_set, config.eval_batch_size, num_workers=config.num_workers),
+                          **_loader_kw(config)),
+        calib=make_loader(calib_set, config.eval_batch_size, **_loader_kw(config)),
+        val=make_loader(val_set, config.eval_batch_size, **_loader_kw(config)),
+        test=make_loader(test_set, config.eval_batch_size, **_loader_kw(config)),
         num_classes=len(train_classes),
         input_size=(int(c), int(h), int(w)),
         class_names=list(train_classes),

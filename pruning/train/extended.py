@@ -2,9 +2,10 @@
 
 Knowledge distillation from the unpruned teacher (tau 4, alpha 0.3,
 ``alpha*KL*tau^2 + (1-alpha)*CE``), model EMA (``timm.utils.ModelEmaV3``), step schedule
-(CNN) or warmup+cosine (ViT), early stopping on validation accuracy, AMP on CUDA only, and
-checkpoint/resume through a :class:`Checkpointer` (so a flow can keep checkpoints in S3 and
-survive preemption).
+(CNN) or warmup+cosine (ViT), early stopping on validation accuracy, mixed precision and
+``channels_last`` on CUDA only (see :mod:`pruning.train.finetune`), and checkpoint/resume through a
+:class:`Checkpointer` (so a flow can keep checkpoints in S3 and survive preemption). The student is
+moved to ``config.device`` and stays there; the teacher goes there for the call and back afterwards.
 """
 
 from __future__ import annotations
@@ -22,10 +23,20 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
+from pruning.device import model_device
 from pruning.train._common import ProgressCallback, _resolve_device, _split_progress
 from pruning.train.data import DataSplits
 from pruning.train.evaluate import evaluate
-from pruning.train.finetune import EpochRecord, _build_optimizer, _epoch_loader, _train_epoch, _TrainConfigBase
+from pruning.train.finetune import (
+    EpochRecord,
+    Precision,
+    _build_optimizer,
+    _epoch_loader,
+    _train_epoch,
+    _TrainConfigBase,
+    precision_for,
+    restore_format,
+)
 
 __all__ = [
     "Checkpointer",
@@ -57,7 +68,6 @@ class ExtendedConfig(_TrainConfigBase):
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
     patience: int | None = Field(5, ge=1, description="early stop after this many epochs without val gain")
     min_delta: float = Field(0.0, ge=0, description="val-accuracy gain that counts as improvement")
-    amp: bool | None = Field(None, description="mixed precision; None = on iff CUDA; never on CPU")
     checkpoint_every: int = Field(1, ge=1, description="save a checkpoint every K epochs (and at the end)")
 
 
@@ -71,6 +81,9 @@ class ExtendedResult(BaseModel):
     kd: bool
     ema: bool
     amp: bool
+    device: str = "cpu"
+    amp_dtype: str | None = Field(None, description="autocast dtype ('bfloat16' / 'float16'); None = fp32")
+    channels_last: bool = False
     history: list[EpochRecord]
     best_epoch: int
     best_val_acc: float
@@ -197,11 +210,18 @@ class _Run:
     hp: dict[str, Any]
     schedule: str
     kd_teacher: nn.Module | None
-    amp: bool
+    prec: Precision
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ema: Any
-    scaler: Any
+
+    @property
+    def amp(self) -> bool:
+        return self.prec.amp
+
+    @property
+    def scaler(self) -> Any:
+        return self.prec.scaler
 
 
 @dataclass
@@ -225,10 +245,12 @@ def _setup(student: nn.Module, teacher: nn.Module | None, splits: DataSplits, cf
 
     dev = _resolve_device(student, cfg.device)
     student.to(dev)
-    if teacher is not None:
-        teacher.to(dev).eval()
+    prec = precision_for(student, cfg, dev)
     use_kd = teacher is not None and cfg.kd_alpha > 0
-    amp = bool(cfg.amp if cfg.amp is not None else dev.type == "cuda") and dev.type == "cuda"
+    if use_kd:
+        teacher.to(dev).eval()
+        if prec.channels_last:
+            teacher.to(memory_format=torch.channels_last)
 
     hp = cfg.resolve_hparams(student)
     schedule = cfg.schedule if cfg.schedule != "auto" else ("step" if hp["family"] == "cnn" else "cosine")
@@ -238,9 +260,8 @@ def _setup(student: nn.Module, teacher: nn.Module | None, splits: DataSplits, cf
     steps_per_epoch = len(probe) if cfg.max_train_batches is None else min(len(probe), cfg.max_train_batches)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, schedule, steps_per_epoch))
     ema = ModelEmaV3(student, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp) if amp else None
-    return _Run(cfg=cfg, dev=dev, hp=hp, schedule=schedule, kd_teacher=teacher if use_kd else None, amp=amp,
-                optimizer=optimizer, scheduler=scheduler, ema=ema, scaler=scaler)
+    return _Run(cfg=cfg, dev=dev, hp=hp, schedule=schedule, kd_teacher=teacher if use_kd else None, prec=prec,
+                optimizer=optimizer, scheduler=scheduler, ema=ema)
 
 
 def _resume(run: _Run, student: nn.Module, checkpointer: Checkpointer | None) -> _Tracker:
@@ -277,9 +298,10 @@ def _run_epoch(run: _Run, student: nn.Module, splits: DataSplits, epoch: int, tr
         student, loader, run.optimizer, cfg, dev, desc=f"extended {epoch}/{cfg.epochs}",
         teacher=run.kd_teacher, kd_alpha=cfg.kd_alpha,
         kd_temperature=cfg.kd_temperature, scheduler=run.scheduler, ema=ema,
-        ema_step=track.global_step, scaler=run.scaler, amp=run.amp, bar=bar)
-    ev = evaluate(student, splits.val, device=dev, progress_bar=False)
-    ema_acc = evaluate(ema.module, splits.val, device=dev, progress_bar=False).top1 if ema is not None else None
+        ema_step=track.global_step, prec=run.prec, bar=bar)
+    ev = evaluate(student, splits.val, device=dev, progress_bar=False, amp=run.amp)
+    ema_acc = (evaluate(ema.module, splits.val, device=dev, progress_bar=False, amp=run.amp).top1
+               if ema is not None else None)
 
     cand_acc, cand_src = ev.top1, "model"
     if ema_acc is not None and ema_acc > cand_acc:
@@ -337,7 +359,21 @@ def extended_finetune(
     """
     cfg = config or ExtendedConfig()
     callback, bar = _split_progress(progress, cfg.progress_bar)
+    teacher_home = model_device(teacher) if teacher is not None else None
     run = _setup(student, teacher, splits, cfg)
+    try:
+        return _extended_loop(run, student, splits, checkpointer, callback, bar)
+    finally:
+        restore_format(student, run.prec)
+        if run.kd_teacher is not None:  # the caller's teacher goes back where it was, in the default layout
+            restore_format(run.kd_teacher, run.prec)
+            run.kd_teacher.to(teacher_home)
+
+
+def _extended_loop(run: _Run, student: nn.Module, splits: DataSplits, checkpointer: Checkpointer | None,
+                   callback: ProgressCallback | None, bar: bool | None) -> ExtendedResult:
+    """The epochs of :func:`extended_finetune` after setup: resume, train, checkpoint, select the best."""
+    cfg = run.cfg
     track = _resume(run, student, checkpointer)
 
     t_all = time.perf_counter()
@@ -359,7 +395,9 @@ def extended_finetune(
     hp = run.hp
     return ExtendedResult(
         family=hp["family"], optimizer=hp["optimizer"], lr=hp["lr"], schedule=run.schedule,
-        kd=run.kd_teacher is not None, ema=run.ema is not None, amp=run.amp, history=track.history,
+        kd=run.kd_teacher is not None, ema=run.ema is not None, amp=run.amp, device=str(run.dev),
+        amp_dtype=str(run.prec.dtype).replace("torch.", "") if run.prec.dtype else None,
+        channels_last=run.prec.channels_last, history=track.history,
         best_epoch=track.best_epoch, best_val_acc=max(track.best_acc, 0.0), best_source=track.best_source,
         epochs_run=epochs_run, resumed_from_epoch=track.resumed_from, stopped_early=track.stopped,
         seconds=time.perf_counter() - t_all,

@@ -6,6 +6,11 @@ ViT -> AdamW(lr 1e-4, or 5e-5, wd 0.01, betas (0.9, 0.999)); batch 64, label smo
 models; override ``FinetuneConfig.lr`` for small from-scratch models (see
 :data:`DIGITS_RECOVERY_LR`). The model family comes from :func:`pruning.models.model_family`.
 
+Device (``FinetuneConfig.device``): the model is moved there and stays there. On CUDA the passes run
+under autocast (bf16 where the GPU has native bf16, else fp16 with a gradient scaler) and CNNs use
+``channels_last`` (the model is put back in the default memory format at the end); on the CPU neither
+happens. See :mod:`pruning.device`.
+
 Epochs are numbered from 1 in results and callbacks. Every loop shows a tqdm bar only on a
 TTY (or when forced), and calls an optional ``progress(epoch, total_epochs, metrics: dict)``
 after each epoch.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -24,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pruning.device import amp_dtype, autocast, grad_scaler
 from pruning.models import Family, model_family
 from pruning.train._common import ProgressCallback, _bar, _resolve_device, _split_progress
 from pruning.train.data import DataSplits, make_loader
@@ -60,7 +66,8 @@ def _epoch_loader(splits: DataSplits, batch_size: int, seed: int, epoch: int) ->
     # BatchNorm fails on a final batch of one sample in train mode: drop it only then.
     drop_last = n > batch_size and n % batch_size == 1
     return make_loader(dataset, batch_size, shuffle=True, seed=seed * 100_003 + epoch,
-                       num_workers=splits.train.num_workers, drop_last=drop_last)
+                       num_workers=splits.train.num_workers, drop_last=drop_last,
+                       pin_memory=bool(splits.train.pin_memory))
 
 
 class _TrainConfigBase(BaseModel):
@@ -87,6 +94,9 @@ class _TrainConfigBase(BaseModel):
     max_train_batches: int | None = Field(
         None, ge=1, description="cap batches per epoch (quick checks, tests)")
     device: str | None = Field(None, description="None = the model's current device")
+    amp: bool | None = Field(None, description="mixed precision; None = on iff CUDA (bf16 where native, else "
+                             "fp16 with a grad scaler); never on CPU")
+    channels_last: bool | None = Field(None, description="channels_last memory format; None = on iff CUDA and a CNN")
     progress_bar: bool | None = Field(None, description="tqdm bars; None = only on a TTY")
 
     def resolve_family(self, model: nn.Module) -> Family:
@@ -141,6 +151,45 @@ class FinetuneResult(BaseModel):
     epochs: list[EpochRecord]
     final_val_acc: float | None
     seconds: float
+    device: str = "cpu"
+    amp_dtype: str | None = Field(None, description="autocast dtype ('bfloat16' / 'float16'); None = fp32")
+    channels_last: bool = False
+
+
+@dataclass
+class Precision:
+    """How the passes of one training call run: autocast dtype (None = fp32), grad scaler, memory format."""
+
+    dtype: torch.dtype | None = None
+    scaler: Any = None
+    channels_last: bool = False
+
+    @property
+    def amp(self) -> bool:
+        return self.dtype is not None
+
+    def inputs(self, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """``x`` on ``dev`` (asynchronous from pinned memory), channels_last when the model is."""
+        if self.channels_last and x.dim() == 4:
+            return x.to(dev, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(dev, non_blocking=True)
+
+
+def precision_for(model: nn.Module, cfg: _TrainConfigBase, dev: torch.device) -> Precision:
+    """Autocast dtype and scaler for ``dev`` (none on the CPU) and, for CNNs on CUDA, ``channels_last``:
+    the model is converted here and must be converted back with :func:`restore_format`."""
+    dtype = amp_dtype(dev, cfg.amp)
+    cl = cfg.channels_last if cfg.channels_last is not None else (
+        dev.type == "cuda" and cfg.resolve_family(model) == "cnn")
+    if cl:
+        model.to(memory_format=torch.channels_last)
+    return Precision(dtype=dtype, scaler=grad_scaler(dtype), channels_last=bool(cl))
+
+
+def restore_format(model: nn.Module, prec: Precision) -> None:
+    """Undo :func:`precision_for`'s ``channels_last`` (stored weights keep the default layout)."""
+    if prec.channels_last:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def _build_optimizer(model: nn.Module, hp: dict[str, Any], cfg: _TrainConfigBase) -> torch.optim.Optimizer:
@@ -175,11 +224,12 @@ def _train_epoch(
     scheduler: Any = None,
     ema: Any = None,
     ema_step: int = 0,
-    scaler: Any = None,
-    amp: bool = False,
+    prec: Precision | None = None,
     bar: bool | None = None,
 ) -> tuple[float, int]:
     """One pass over ``loader``; returns (mean train loss, updated ema_step)."""
+    prec = prec or Precision()
+    scaler = prec.scaler
     model.train()
     total = 0.0
     count = 0
@@ -188,8 +238,8 @@ def _train_epoch(
     for i, (x, y) in enumerate(it):
         if i >= n_batches:
             break
-        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-        with (torch.autocast(device_type=dev.type, dtype=torch.float16) if amp else nullcontext()):
+        x, y = prec.inputs(x, dev), y.to(dev, non_blocking=True)
+        with autocast(dev, prec.dtype):
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             if teacher is not None and kd_alpha > 0:
@@ -197,7 +247,7 @@ def _train_epoch(
                     t_logits = teacher(x)
                 loss = kd_alpha * kd_loss(logits, t_logits, kd_temperature) + (1 - kd_alpha) * loss
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and amp:
+        if scaler is not None:
             scaler.scale(loss).backward()
             if cfg.grad_clip:
                 scaler.unscale_(optimizer)
@@ -243,24 +293,27 @@ def finetune(
     hp = cfg.resolve_hparams(model)
     torch.manual_seed(cfg.seed)
     t_all = time.perf_counter()
+    prec = precision_for(model, cfg, dev)
     if cfg.bn_recalibration:
-        recalibrate_batchnorm(model, splits.calib, device=dev)
+        recalibrate_batchnorm(model, splits.calib, device=dev, amp=prec.amp)
     optimizer = _build_optimizer(model, hp, cfg)
     records: list[EpochRecord] = []
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         loader = _epoch_loader(splits, cfg.batch_size, cfg.seed, epoch)
         train_loss, _ = _train_epoch(model, loader, optimizer, cfg, dev,
-                                     desc=f"finetune {epoch}/{cfg.epochs}", bar=bar)
-        ev = evaluate(model, splits.val, device=dev, progress_bar=False)
+                                     desc=f"finetune {epoch}/{cfg.epochs}", prec=prec, bar=bar)
+        ev = evaluate(model, splits.val, device=dev, progress_bar=False, amp=prec.amp)
         rec = EpochRecord(epoch=epoch, train_loss=train_loss, val_acc=ev.top1, val_loss=ev.loss,
                           lr=hp["lr"], seconds=time.perf_counter() - t0)
         records.append(rec)
         if callback is not None:
             callback(epoch, cfg.epochs, rec.model_dump())
+    restore_format(model, prec)
     model.eval()
     return FinetuneResult(
         family=hp["family"], optimizer=hp["optimizer"], lr=hp["lr"], weight_decay=hp["weight_decay"],
         epochs=records, final_val_acc=records[-1].val_acc if records else None,
-        seconds=time.perf_counter() - t_all,
+        seconds=time.perf_counter() - t_all, device=str(dev),
+        amp_dtype=str(prec.dtype).replace("torch.", "") if prec.dtype else None, channels_last=prec.channels_last,
     )
