@@ -30,6 +30,10 @@ class GroupInfo:
     head_importance: torch.Tensor | None = None  # per head, attention groups only
     members: list[tuple[str, bool, int]] = field(default_factory=list)  # (module, is_out, full length)
     attention: str | None = None  # name of the timm attention module whose heads this group holds
+    #: per member: units removed from it per root unit removed (int), or, where that differs between
+    #: root units (a split or slice of the root's channels), the count per root index (tensor, len == full)
+    member_weights: list[int | torch.Tensor] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)  # unwrapped parameters pruned with the group (layer scales, ...)
 
     @property
     def is_attention(self) -> bool:
@@ -45,3 +49,25 @@ class GroupInfo:
 
 
 Allocation = dict[int, Cut]
+
+
+def pruned_root_indices(g: GroupInfo, cut: Cut) -> list[int]:
+    """Root-dimension indices removed by ``cut``: lowest-importance units (and heads), replicated per group."""
+    order = torch.argsort(g.importance, stable=True)
+    dim_idx = set(order[: cut.dims].tolist())
+    heads = set()
+    if cut.heads and g.head_importance is not None:
+        heads = set(torch.argsort(g.head_importance, stable=True)[: cut.heads].tolist())
+    return [h * g.channels + j for h in range(g.ch_groups) for j in range(g.channels) if h in heads or j in dim_idx]
+
+
+@dataclass
+class FrozenGroup:
+    """A group that is never cut because cutting it breaks the graph or the forward pass."""
+
+    root: str
+    modules: list[str]
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.root}: {self.reason}"

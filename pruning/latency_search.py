@@ -11,8 +11,8 @@ Search (on the MAC target, which the exact MAC solver turns into an allocation o
    ``[budget * (1 - undershoot), budget]``: ``m1 = M0 * aim / L0`` (clamped to what the plan's safety
    limits can reach).
 3. Each probe: :func:`pruning.solver.solve` the MAC target (analytic, milliseconds), cut a copy of
-   the model (:meth:`pruning.space.PruningSpace.pruned_copy`: deep copy + fresh dependency graph,
-   ~0.3 s for ResNet-50; the space itself stays unpruned), export to ONNX (parity-checked), time with
+   the model (:meth:`pruning.space.PruningSpace.pruned_copy`: a fork of the analysed space, i.e. a
+   copy of the model and of its dependency graph, no new trace; the space itself stays unpruned), export to ONNX (parity-checked), time with
    onnxruntime. Noise handling: a median within ``remeasure_pct`` of the budget is re-measured (more
    runs on the same session, pooled) before it decides anything; a probe that contradicts
    monotonicity (more MACs yet faster than a probe over the budget with fewer MACs) is re-measured

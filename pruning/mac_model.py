@@ -1,9 +1,16 @@
 """Exact MAC model: Torch-Pruning's counting hooks replayed on predicted shapes.
 
 One profiling forward pass records every layer Torch-Pruning's ``count_ops_and_params`` counts, with
-its input/output shapes and which prunable group (if any) sets each channel dimension. Predicting the
-MACs of an allocation then only rewrites those shapes and re-runs the same counting hooks on ``meta``
-tensors: no weights are touched, and the result equals the count on the really pruned model.
+its input/output shapes and which prunable groups set each channel dimension. Predicting the MACs of
+an allocation then only rewrites those shapes and re-runs the same counting hooks on ``meta`` tensors:
+no weights are touched, and the result equals the count on the really pruned model.
+
+A channel dimension can be set by several groups (the input of a layer after ``torch.cat``: DenseNet,
+Inception, DLA) and a member can lose a different number of units per root unit (a split of the root's
+channels: CSPNet, Res2Net): each dimension is a sum of ``(group, weight)`` terms, the weight being
+either the units per root unit or, for splits, the count per root index (taken from Torch-Pruning's
+``root_idxs``). Shapes the trace cannot follow (slices, reshapes) are not guessed: the space checks
+the prediction against a measured cut (:attr:`MacModel.exact`) and the solver measures where it differs.
 """
 from __future__ import annotations
 
@@ -16,9 +23,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch_pruning.utils import op_counter
 
-from pruning.groups import Allocation, GroupInfo
+from pruning.groups import Allocation, GroupInfo, pruned_root_indices
 
-_Var = tuple[int, float]  # (group index, member length / root length)
+_Term = tuple[int, "int | torch.Tensor"]  # (group index, units removed per root unit, or per root index)
+_Var = tuple[_Term, ...]  # a channel dimension: base minus the sum of its terms
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -48,16 +56,19 @@ def _key(t: torch.Tensor) -> tuple:
 
 
 class _GroupVars:
-    """Which group sets which channel dimension: member module -> var, attention module -> head group."""
+    """Which groups set which channel dimension: member module -> terms, attention module -> head group."""
 
     def __init__(self, model: nn.Module, groups: list[GroupInfo]):
         name_of = {m: n for n, m in model.named_modules()}
         module_of = dict(model.named_modules())
-        self.out_var: dict[str, _Var] = {}
-        self.in_var: dict[str, _Var] = {}
+        out: dict[str, list[_Term]] = {}
+        inp: dict[str, list[_Term]] = {}
         for g in groups:
-            for member, is_out, length in g.members:
-                (self.out_var if is_out else self.in_var)[member] = (g.index, length / g.full)
+            weights = g.member_weights or [max(1, round(length / g.full)) for _, _, length in g.members]
+            for (member, is_out, _), w in zip(g.members, weights):
+                (out if is_out else inp).setdefault(member, []).append((g.index, w))
+        self.out_var: dict[str, _Var] = {k: tuple(v) for k, v in out.items()}
+        self.in_var: dict[str, _Var] = {k: tuple(v) for k, v in inp.items()}
         self.attn_of_qkv = attention_modules(model)
         self.head_group: dict[str, int] = {}
         for g in groups:
@@ -68,22 +79,44 @@ class _GroupVars:
 
 
 class _FollowChannels(TorchFunctionMode):
-    """Tensors made by torch ops (x + shortcut, x * gamma) keep the channels of a same-shaped operand."""
+    """Tensors made by torch ops keep the channels of a same-shaped operand (x + shortcut, x * gamma);
+    ``torch.cat`` along a tracked channel dimension sums its inputs' terms."""
 
     def __init__(self, tracer: _LayerTracer):
         super().__init__()
         self.tracer = tracer
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         storage = self.tracer.storage
-        if isinstance(out, torch.Tensor) and _key(out) not in storage:
-            for a in args:
-                if isinstance(a, torch.Tensor) and a.shape == out.shape and storage.get(_key(a)) is not None:
-                    storage[_key(out)] = storage[_key(a)]
-                    self.tracer.keep_alive.append(out)
-                    break
+        if not isinstance(out, torch.Tensor) or _key(out) in storage:
+            return out
+        if func in (torch.cat, torch.concat) and args and isinstance(args[0], (list, tuple)):
+            produced = self._cat(args[0], args[1] if len(args) > 1 else kwargs.get("dim", 0), out)
+            if produced is not None:
+                storage[_key(out)] = produced
+                self.tracer.keep_alive.append(out)
+            return out
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.shape == out.shape and storage.get(_key(a)) is not None:
+                storage[_key(out)] = storage[_key(a)]
+                self.tracer.keep_alive.append(out)
+                break
         return out
+
+    def _cat(self, tensors, dim: int, out: torch.Tensor):
+        dim = dim % out.dim()
+        terms: list = []
+        for t in tensors:
+            src = self.tracer.storage.get(_key(t)) if isinstance(t, torch.Tensor) else None
+            if src is None:
+                continue
+            d, var = src
+            if d % t.dim() != dim:
+                return None  # a tracked channel dimension that is not the concatenated one
+            terms.extend(var)
+        return (dim, tuple(terms)) if terms else None
 
 
 class _LayerTracer:
@@ -182,23 +215,62 @@ class _LayerTracer:
         return attrs, attr_vars, ((-1, self.gv.in_var[qname]) if qname in self.gv.in_var else None)
 
 
+class _Removed:
+    """Units a term removes under one allocation (root counts for int weights, index masks for tensors)."""
+
+    def __init__(self, allocation: Allocation, groups: list[GroupInfo]):
+        self.allocation, self.groups = allocation, groups
+        self.count = {i: groups[i].full - groups[i].kept(c) for i, c in allocation.items()}
+        self._masks: dict[int, torch.Tensor] = {}
+
+    def __call__(self, term: _Term) -> int:
+        g, w = term
+        n = self.count.get(g, 0)
+        if not n:
+            return 0
+        if isinstance(w, int):
+            return w * n
+        mask = self._masks.get(g)
+        if mask is None:
+            mask = torch.zeros(self.groups[g].full, dtype=torch.bool)
+            mask[pruned_root_indices(self.groups[g], self.allocation[g])] = True
+            self._masks[g] = mask
+        return int(w[mask].sum())
+
+
+class MacPredictionError(ValueError):
+    """The analytic MAC model cannot predict this allocation (the solver measures instead)."""
+
+
 class MacModel:
-    """Predicts ``count_ops_and_params`` MACs for any allocation, from one profiling forward pass."""
+    """Predicts ``count_ops_and_params`` MACs for any allocation, from one profiling forward pass.
+
+    ``exact`` is set by the space once a measured cut confirmed (or refuted) the prediction.
+    """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, groups: list[GroupInfo]):
         self.base_macs = None
+        self.exact: bool | None = None
         self.layers: list[_CountedLayer] = _LayerTracer(model, _GroupVars(model, groups)).trace(example)
         self._batch = example.shape[0]
         self.base_macs = self.macs({}, groups)
 
-    @staticmethod
-    def _new(base: int, var: _Var, pruned_root: dict[int, int]) -> int:
-        g, ratio = var
-        return base - int(round(ratio * pruned_root.get(g, 0)))
+    def _new(self, base: int, var: _Var, removed: _Removed) -> int:
+        n = base - sum(removed(t) for t in var)
+        if n < 1:
+            if self._strict:
+                raise MacPredictionError(f"the MAC model removes {base - n} of {base} channels of a layer")
+            return 1
+        return n
 
-    def macs(self, allocation: Allocation, groups: list[GroupInfo]) -> int:
-        """MACs per sample of the model pruned by ``allocation`` (same formula as Torch-Pruning's counter)."""
-        pruned_root = {i: groups[i].full - groups[i].kept(c) for i, c in allocation.items()}
+    def macs(self, allocation: Allocation, groups: list[GroupInfo], strict: bool = True) -> int:
+        """MACs per sample of the model pruned by ``allocation`` (same formula as Torch-Pruning's counter).
+
+        A layer left with no channel means the model's groups overlap in a way the trace did not see:
+        ``strict`` raises :class:`MacPredictionError`, otherwise the layer keeps one channel (a guide only).
+        """
+        self._strict = strict
+        pruned_root = _Removed(allocation, groups)
         heads_left = {i: groups[i].ch_groups - c.heads for i, c in allocation.items()}
         total = 0
         for layer in self.layers:

@@ -6,6 +6,7 @@ are fetched only when the user asks for them (``pretrained=True``).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,7 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from pruning.errors import UserError
+from pruning.errors import UserError, load_failure
 
 Family = Literal["cnn", "vit"]
 
@@ -51,7 +52,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupted, truncated or pickled-code files all land here
-        raise ModelLoadError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+        raise ModelLoadError(f"cannot read checkpoint {path}: {load_failure(exc)}") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict", "state_dict_ema"):
             if key in obj and isinstance(obj[key], dict):
@@ -84,19 +85,41 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
 def load_model(spec: ModelSpec) -> nn.Module:
     """Create ``spec.name`` with timm and load the checkpoint if one is given; returns the model in eval mode."""
     _check_name(spec.name)
-    kwargs = {}
+    kwargs: dict = {}
     if spec.num_classes is not None:
         kwargs["num_classes"] = spec.num_classes
-    if spec.input_size is not None and is_vit_name(spec.name):
-        kwargs["img_size"] = spec.input_size
+    if spec.input_size is not None:
+        kwargs["img_size"] = spec.input_size  # dropped below for architectures that do not take it
     try:
-        model = timm.create_model(spec.name, pretrained=spec.pretrained, **kwargs)
+        model = create_with_accepted_kwargs(spec.name, spec.pretrained, kwargs)
     except Exception as exc:
         what = "download pretrained weights for" if spec.pretrained else "create"
         raise ModelLoadError(f"cannot {what} '{spec.name}': {str(exc).splitlines()[0][:200]}") from None
     if spec.checkpoint is not None:
         load_weights(model, read_state_dict(spec.checkpoint), source=f"checkpoint {spec.checkpoint}")
     return model.eval()
+
+
+_UNEXPECTED_KWARG = re.compile(r"unexpected keyword argument(?:\(s\))?:? \[?'(\w+)'")
+
+
+def create_with_accepted_kwargs(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
+    """``timm.create_model`` with only the keywords the architecture accepts.
+
+    Optional keywords (``img_size``) are passed when the model's constructor takes them (ViTs, LeViT,
+    EfficientFormer, ... size their position tables or attention biases by it) and dropped when it
+    raises ``unexpected keyword argument`` (ResNet, FastViT, ConvNeXt, ...); the constructor fails
+    on the keyword before building anything, so a retry costs nothing.
+    """
+    kwargs = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except TypeError as exc:
+            bad = _UNEXPECTED_KWARG.search(str(exc))
+            if bad is None or bad.group(1) not in kwargs or bad.group(1) == "num_classes":
+                raise
+            kwargs.pop(bad.group(1))
 
 
 def is_vit_name(name: str) -> bool:

@@ -43,6 +43,15 @@ class GroupProfile(BaseModel):
     replicas: int
 
 
+class FrozenProfile(BaseModel):
+    """A group that is never cut on this model, and why (Torch-Pruning cannot index it, or cutting it
+    breaks the forward pass)."""
+
+    root: str
+    modules: list[str]
+    reason: str
+
+
 class ModelProfile(BaseModel):
     """Everything the Profiling Agent and the user need to know about the model's compute."""
 
@@ -54,6 +63,8 @@ class ModelProfile(BaseModel):
     layers: list[LayerProfile]
     stages: list[StageProfile]
     groups: list[GroupProfile] = []
+    frozen: list[FrozenProfile] = []
+    mac_prediction: str | None = None  # "exact" (checked on a trial cut) or "measured" (the solver counts cut copies)
 
     def frames(self) -> dict[str, pd.DataFrame]:
         """The tables as pandas DataFrames: ``layers``, ``stages``, ``groups``."""
@@ -67,13 +78,20 @@ class ModelProfile(BaseModel):
         """A compact human-readable report."""
         lines = [f"{self.model} ({self.family}) @ {self.input_size}x{self.input_size}: "
                  f"{self.macs / 1e9:.3f} G MACs, {self.params / 1e6:.2f} M params, "
-                 f"{len(self.layers)} counted layers, {len(self.groups)} prunable groups"]
+                 f"{len(self.layers)} counted layers, {len(self.groups)} prunable groups"
+                 + (f", {len(self.frozen)} frozen" if self.frozen else "")
+                 + (f", MAC prediction {self.mac_prediction}" if self.mac_prediction else "")]
         lines.append("stage            MACs(G)   share  params(M)")
         for s in self.stages:
             lines.append(f"{s.stage:<15} {s.macs / 1e9:8.3f} {s.share * 100:6.1f}% {s.params / 1e6:9.2f}")
         lines.append(f"top {top} layers by MACs:")
         for l in sorted(self.layers, key=lambda l: -l.macs)[:top]:
             lines.append(f"  {l.name:<40} {l.type:<14} {l.macs / 1e6:9.1f} M  {l.share * 100:5.1f}%")
+        if self.frozen:
+            lines.append(f"frozen groups (never cut, {len(self.frozen)}):")
+            lines += [f"  {f.root}: {f.reason}" for f in self.frozen[:top]]
+            if len(self.frozen) > top:
+                lines.append(f"  ... and {len(self.frozen) - top} more")
         return "\n".join(lines)
 
 
@@ -115,12 +133,15 @@ def profile_model(model: nn.Module, example: torch.Tensor, name: str = "", space
         s.macs += l.macs
         s.params += l.params
         s.share += l.share
-    groups = []
+    groups, frozen, prediction = [], [], None
     if space is not None:
         groups = [GroupProfile(group=g.index, root=g.root, stage=g.stage, kind=g.kind, units=g.channels,
                                replicas=g.ch_groups) for g in space.groups]
+        frozen = [FrozenProfile(root=f.root, modules=f.modules, reason=f.reason) for f in space.frozen]
+        prediction = {True: "exact", False: "measured"}.get(space.mac_model.exact)
     return ModelProfile(
         model=name or type(model).__name__, family=model_family(model), input_size=int(example.shape[-1]),
         macs=float(macs), params=int(params), layers=layers,
-        stages=sorted(by_stage.values(), key=lambda s: -s.macs), groups=groups,
+        stages=sorted(by_stage.values(), key=lambda s: -s.macs), groups=groups, frozen=frozen,
+        mac_prediction=prediction,
     )

@@ -5,8 +5,13 @@ channel grouping, attention handling, isomorphic scopes) and scores every group 
 turning a plan into per-group cuts (:meth:`PruningSpace.allocate`) and predicting the MACs of those
 cuts (:meth:`PruningSpace.predict_macs`) touch no weights: the prediction re-runs Torch-Pruning's own
 per-layer counting hooks on shapes, so it equals ``count_ops_and_params`` on the really pruned model.
-Only :meth:`PruningSpace.apply` cuts weights, through ``step(interactive=True)`` so every group can be
-inspected or vetoed before it is pruned.
+Only :meth:`PruningSpace.apply` cuts weights, group by group (each can be inspected or vetoed before
+it is pruned), and :meth:`PruningSpace.fork` gives a copy of an analysed space to cut instead.
+
+Groups Torch-Pruning cannot index or score, and groups whose trial cut breaks the model
+(:mod:`pruning.probe`), are frozen: never cut, listed in :attr:`PruningSpace.frozen` with the reason.
+Where a trial cut's count differs from the analytic prediction, ``mac_model.exact`` is False and the
+solver measures cut copies instead of predicting.
 """
 from __future__ import annotations
 
@@ -21,28 +26,37 @@ import torch_pruning as tp
 from torch import nn
 
 from pruning.errors import UserError
-from pruning.groups import Allocation, Cut, GroupInfo
+from pruning.graph import (
+    ReplayGraph,
+    analysing,
+    copy_model,
+    count_in_place,
+    count_macs_params,  # noqa: F401 - part of this module's interface
+    extra_channel_params,
+    fork_graph,
+    group_modules,
+    iter_groups,
+    member_weight,
+    patched,
+    prune_extra_params,
+    shape_attributes,
+    sync_shape_attributes,
+    unwrapped_parameters,
+)
+from pruning.groups import Allocation, Cut, FrozenGroup, GroupInfo, pruned_root_indices
 from pruning.importance import create_importance, has_gradients, needs_gradients
 from pruning.mac_model import MacModel, attention_modules
 from pruning.models import classifier, model_family
 from pruning.plan import PruningPlan
+from pruning.probe import blame_cut, failing_module, trial_cut
 
 
 class PruningError(UserError):
     """The model or plan cannot be pruned as asked (one-line message)."""
 
 
-class _PlannedPruner(tp.pruner.MetaPruner):
-    """A MetaPruner whose per-group pruning indices come from an explicit allocation."""
-
-    def set_groups(self, groups: list[tuple[nn.Module, Callable, list[int]]]) -> None:
-        self._planned = groups
-
-    def _prune(self) -> Iterator:
-        for module, fn, idxs in self._planned:
-            group = self.DG.get_pruning_group(module, fn, idxs)
-            if self.DG.check_pruning_group(group):
-                yield group
+class GroupsFrozen(Exception):
+    """A measured cut broke the model and the groups to blame were frozen: solve again."""
 
 
 def natural_key(name: str) -> list:
@@ -78,8 +92,9 @@ def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | No
             if attn_dim % m.num_heads:
                 raise PruningError(f"attention width {attn_dim} is not divisible by {m.num_heads} heads")
             m.head_dim = attn_dim // m.num_heads
-            if hasattr(m, "attn_dim"):
-                m.attn_dim = attn_dim
+            for name in ("attn_dim", "attention_dim", "all_head_dim"):  # timm spells the width several ways
+                if isinstance(getattr(m, name, None), int):
+                    setattr(m, name, attn_dim)
             if hasattr(m, "scale"):
                 m.scale = m.head_dim**-0.5
 
@@ -101,9 +116,15 @@ def stem_and_head(model: nn.Module) -> list[nn.Module]:
 # The space
 # --------------------------------------------------------------------------------------------
 class PruningSpace:
-    """Groups, scores and MAC model of one model copy; the copy is what :meth:`apply` prunes."""
+    """Groups, scores and MAC model of one model copy; the copy is what :meth:`apply` prunes.
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, plan: PruningPlan, seed: int = 0):
+    Analysing a model (tracing, scoring, the trial cut that finds groups which cannot be cut, the
+    MAC model) is the expensive part; :meth:`fork` copies an analysed space onto a copy of its model
+    (and dependency graph) so that every revision and candidate of a search cuts its own copy.
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, plan: PruningPlan, seed: int = 0,
+                 trial: bool = True):
         self.model = model
         self.example = example
         self.family = model_family(model)
@@ -116,79 +137,180 @@ class PruningSpace:
             if name not in modules:
                 raise PruningError(f"ignored layer '{name}' is not a module of the model")
             ignored.append(modules[name])
-        self.ignored_names = sorted({n for n, m in model.named_modules() if m in ignored})
-        num_heads = {qkv: attn.num_heads for qkv, attn in attention_modules(model).items()}
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Unwrapped parameters")
-                self.pruner = _PlannedPruner(
-                    model, example, importance=create_importance(plan.importance, seed), global_pruning=True,
-                    isomorphic=True, ignored_layers=ignored, num_heads=num_heads, round_to=None,
-                    root_module_types=[nn.Conv2d, nn.Linear],
-                )
-        except PruningError:
-            raise
-        except Exception as exc:
-            raise PruningError(
-                f"cannot trace {type(model).__name__} for structured pruning: {str(exc).splitlines()[0][:160]}"
-            ) from None
-        self.groups = self._collect_groups(model)
+        self.user_ignored = sorted({n for n, m in model.named_modules() if m in ignored})
+        self.frozen: list[FrozenGroup] = []
+        self.inexact: list[str] = []  # groups whose TP closure cuts more than their root says (measured)
+        self.probe_device: str = "meta"
+        with analysing():
+            self.pruner = trace_model(model, example, create_importance(plan.importance, seed), ignored)
+            self.DG = self.pruner.DG
+            self.groups = self._collect_groups(model)
+        self.trialed = trial
+        with patched():
+            self._finish_analysis(trial)
+
+    def _finish_analysis(self, trial: bool) -> None:
+        """Trial cut (freezes groups whose cut breaks the model), stages, MAC model and its check.
+
+        Without the trial (``trial=False``: a one-off solve that will cut this space's own model and can
+        rebuild it from the original) nothing is frozen by cutting and ``mac_model.exact`` stays None
+        (unchecked: the solver predicts, the caller checks the count)."""
         if not self.groups:
-            raise PruningError(f"{type(model).__name__} has no prunable channel groups")
+            raise PruningError(f"{type(self.model).__name__} has no prunable channel groups" + self._frozen_note())
+        trial = trial_cut(self) if trial else None
+        if not self.groups:
+            raise PruningError(f"{type(self.model).__name__}: no channel group can be cut without breaking the model"
+                               + self._frozen_note())
         self.stages = sorted({g.stage for g in self.groups}, key=natural_key)
-        self.mac_model = MacModel(model, example, self.groups)
+        self.mac_model = MacModel(self.model, self.example, self.groups)
         self.base_macs = self.mac_model.base_macs
+        if trial is not None:
+            allocation, measured = trial
+            self.mac_model.exact = self.predict_macs(allocation, strict=False) == measured
+        if self.inexact:
+            self.mac_model.exact = False
+
+    def refresh(self) -> None:
+        """After :meth:`freeze` outside the analysis: stages and MAC model of the remaining groups."""
+        if not self.groups:
+            raise PruningError(f"{type(self.model).__name__}: no channel group can be cut without breaking the model"
+                               + self._frozen_note())
+        exact = self.mac_model.exact if getattr(self, "mac_model", None) is not None else None
+        self.stages = sorted({g.stage for g in self.groups}, key=natural_key)
+        self.mac_model = MacModel(self.model, self.example, self.groups)
+        self.mac_model.exact = exact
+
+    def _frozen_note(self) -> str:
+        return f" ({len(self.frozen)} frozen, e.g. {self.frozen[0].line()})" if self.frozen else ""
+
+    @property
+    def ignored_names(self) -> list[str]:
+        """Modules never pruned: the stem, the classifier, the user's, and the members of frozen groups."""
+        return sorted(set(self.user_ignored) | {m for f in self.frozen for m in f.modules})
 
     @classmethod
-    def build(cls, model: nn.Module, example: torch.Tensor, plan: PruningPlan, seed: int = 0) -> "PruningSpace":
+    def build(cls, model: nn.Module, example: torch.Tensor, plan: PruningPlan, seed: int = 0,
+              trial: bool = True) -> "PruningSpace":
         """Analyse a *copy* of ``model`` (the copy will be pruned by :meth:`apply`)."""
         grads = {n: p.grad for n, p in model.named_parameters()}
         clone = copy.deepcopy(model)
         for n, p in clone.named_parameters():  # deepcopy does not copy .grad
             if grads[n] is not None:
                 p.grad = grads[n].clone()
-        return cls(clone, example, plan, seed)
+        return cls(clone, example, plan, seed, trial=trial)
+
+    def fork(self, device: str | None = None) -> "PruningSpace":
+        """The same analysed space on a copy of the model and its dependency graph (weights on ``device``:
+        ``"meta"`` for shape-only probes). Groups, scores and the MAC model are shared, read-only."""
+        if getattr(self, "_applied", False):
+            raise PruningError("cannot copy a space that was already applied; build a new one from the original model")
+        model, mapping = copy_model(self.model, None if device == "cpu" else device)
+        new = copy.copy(self)
+        new.model = model
+        new.DG = fork_graph(self.DG, model, mapping)
+        new.pruner = None  # analysis only; cutting needs the graph alone
+        new.example = self.example if device in (None, "cpu") else self.example.to(device)
+        new.frozen = list(self.frozen)
+        return new
 
     # -- analysis ---------------------------------------------------------------------------
     def _collect_groups(self, model: nn.Module) -> list[GroupInfo]:
-        pr, DG = self.pruner, self.pruner.DG
+        """Every prunable group with its scores; groups Torch-Pruning cannot index or score are frozen."""
+        pr, DG = self.pruner, self.DG
         names = {m: n for n, m in model.named_modules()}
         stages = _stage_names(model)
+        attn_of_qkv = attention_modules(model)
         out: list[GroupInfo] = []
-        for group in DG.get_all_groups(ignored_layers=pr.ignored_layers, root_module_types=pr.root_module_types):
-            is_attn, qkv_layers = pr._is_atten_group(group)
-            if is_attn:
-                group = pr._downstream_node_as_root_if_attention(group)
-                if group is None:
-                    continue
-            ch_groups = pr._get_channel_groups(group)
-            imp = pr.estimate_importance(group)
-            if imp is None:
+        for root, group, error in iter_groups(DG, pr.ignored_layers, pr.root_module_types):
+            if group is not None:
+                group, error = _scorable_group(pr, group)
+            if error is not None:
+                self.frozen.append(FrozenGroup(root=names.get(root, str(root)), reason=error,
+                                               modules=group_modules(DG, group, names) if group else [names.get(root, "")]))
                 continue
-            imp = imp.detach().float().cpu()
-            root_mod = group[0].dep.target.module
-            root_is_out = DG.is_out_channel_pruning_fn(group[0].dep.handler)
-            members = []
-            for dep, idxs in group:
-                m = dep.target.module
-                if isinstance(m, nn.Module) and m in names and dep.target.type != tp.ops.OPTYPE.PARAMETER:
-                    members.append((names[m], DG.is_out_channel_pruning_fn(dep.handler), len(idxs)))
-            dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
-            head_imp = imp.view(ch_groups, -1).mean(1) if is_attn else None
-            scope = "iso"
-            for dep, _ in group:
-                tag = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
-                scope += f"|{type(dep.source.module).__name__}_{tag}>{type(dep.target.module).__name__}_{tag}"
-            root = names[root_mod]
-            attn_of_qkv = attention_modules(model)
-            attention = names[attn_of_qkv[qkv_layers[0]]] if is_attn and qkv_layers[0] in attn_of_qkv else None
-            out.append(GroupInfo(
-                index=len(out), root=root, root_is_out=root_is_out,
-                kind=self._kind(root, members, is_attn, modules=dict(model.named_modules())),
-                stage=_stage_of(root, stages), scope=scope, channels=len(dim_imp), ch_groups=ch_groups,
-                importance=dim_imp, head_importance=head_imp, members=members, attention=attention,
-            ))
+            if group is None:
+                continue
+            info = self._group_info(group, len(out), names, stages, attn_of_qkv)
+            if isinstance(info, str):
+                self.frozen.append(FrozenGroup(root=names.get(root, str(root)), reason=info,
+                                               modules=group_modules(DG, group, names)))
+                continue
+            out.append(info)
         return out
+
+    def _group_info(self, group, index: int, names, stages, attn_of_qkv) -> GroupInfo | str:
+        """The :class:`GroupInfo` of one TP group (or why it cannot be used)."""
+        pr, DG = self.pruner, self.DG
+        is_attn, qkv_layers = pr._is_atten_group(group)
+        ch_groups = pr._get_channel_groups(group)
+        try:
+            imp = pr.estimate_importance(group)
+        except Exception as exc:  # noqa: BLE001 - TP indexes a member outside its width
+            return f"importance cannot be computed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+        if imp is None:
+            return "no importance for this group"
+        imp = imp.detach().float().cpu()
+        if len(imp) % ch_groups:
+            return f"{len(imp)} channels do not split into {ch_groups} channel groups"
+        full = len(imp)
+        members, weights, params = [], [], []
+        for item in group:
+            dep, idxs = item
+            m = dep.target.module
+            if dep.target.type == tp.ops.OPTYPE.PARAMETER:
+                params.append(DG._param_to_name.get(m, "?"))
+            elif isinstance(m, nn.Module) and m in names:
+                w = member_weight(getattr(item, "root_idxs", None), full, len(idxs))
+                if isinstance(w, str):
+                    return w
+                members.append((names[m], DG.is_out_channel_pruning_fn(dep.handler), len(idxs)))
+                weights.append(w)
+        dim_imp = imp.view(ch_groups, -1).mean(0) if ch_groups > 1 else imp
+        head_imp = imp.view(ch_groups, -1).mean(1) if is_attn else None
+        scope = "iso"
+        for dep, _ in group:
+            tag = "out" if DG.is_out_channel_pruning_fn(dep.handler) else "in"
+            scope += f"|{type(dep.source.module).__name__}_{tag}>{type(dep.target.module).__name__}_{tag}"
+        root = names[group[0].dep.target.module]
+        attention = names[attn_of_qkv[qkv_layers[0]]] if is_attn and qkv_layers[0] in attn_of_qkv else None
+        info = GroupInfo(
+            index=index, root=root, root_is_out=DG.is_out_channel_pruning_fn(group[0].dep.handler),
+            kind=self._kind(root, members, is_attn, modules=dict(self.model.named_modules())),
+            stage=_stage_of(root, stages), scope=scope, channels=len(dim_imp), ch_groups=ch_groups,
+            importance=dim_imp, head_importance=head_imp, members=members, attention=attention,
+            member_weights=weights, params=params,
+        )
+        coupling = self._coupling_error(info, group, names)
+        if coupling and coupling.startswith("Torch-Pruning refuses"):
+            return coupling
+        if coupling:  # cut as TP cuts it, but the MAC model cannot follow: the solver will measure
+            self.inexact.append(f"{root}: {coupling}")
+        return info
+
+    def _coupling_error(self, g: GroupInfo, group, names) -> str | None:
+        """Cut a quarter of the group on the graph (no weights) and check every member loses what the
+        weights say: TP closures that wrap around (a slice of a concat of the same channels) cut more
+        than planned, and TP then refuses or over-cuts the group at larger ratios."""
+        d = min(g.channels - 1, max(1, g.channels // 4))
+        if d < 1:
+            return None
+        idxs = pruned_root_indices(g, Cut(dims=d))
+        partial = self.DG.get_pruning_group(group[0].dep.target.module, group[0].dep.handler, idxs)
+        if not self.DG.check_pruning_group(partial):
+            return f"Torch-Pruning refuses to cut {d} of its {g.channels} channels (a member would lose all)"
+        got = {}
+        for dep, member_idxs in partial:
+            m = dep.target.module
+            if isinstance(m, nn.Module) and m in names:
+                got[(names[m], self.DG.is_out_channel_pruning_fn(dep.handler))] = len(member_idxs)
+        chosen = torch.zeros(g.full, dtype=torch.bool)
+        chosen[idxs] = True
+        for (name, is_out, _), w in zip(g.members, g.member_weights):
+            want = w * len(idxs) if isinstance(w, int) else int(w[chosen].sum())
+            if got.get((name, is_out), 0) != want:
+                return (f"Torch-Pruning's coupling is inconsistent: cutting {len(idxs)} of its channels cuts "
+                        f"{got.get((name, is_out), 0)} of {name}, not {want}")
+        return None
 
     def _kind(self, root: str, members, is_attn: bool, modules) -> str:
         if self.family == "vit":
@@ -199,6 +321,29 @@ class PruningSpace:
             return "proj"
         convs_out = [n for n, is_out, _ in members if is_out and isinstance(modules.get(n), (nn.Conv2d, nn.Linear))]
         return "residual" if len(convs_out) > 1 else "internal"
+
+    def freeze(self, indices: set[int], reason: str, analogous: bool = True) -> None:
+        """Never cut the groups ``indices`` again (reason recorded); the remaining groups are renumbered.
+
+        With ``analogous`` the groups of the same structure (same root path up to block numbers, same
+        isomorphic scope: the same layer of the other blocks) are frozen with them: repeated blocks fail
+        alike, and finding each one by its own trial cut would cost a cut per block.
+        """
+        def shape(g: GroupInfo) -> tuple[str, str]:  # block indices masked: stages.1.blocks.2.conv1 -> stages.#.blocks.#.conv1
+            return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "#", g.root), g.scope
+
+        blamed = {shape(g): g.root for g in self.groups if g.index in indices}
+        keep = []
+        for g in self.groups:
+            if g.index in indices or (analogous and shape(g) in blamed):
+                why = reason if g.index in indices else f"same structure as {blamed[shape(g)]}: {reason}"
+                self.frozen.append(FrozenGroup(root=g.root, reason=why, modules=sorted(
+                    {n for n, _, _ in g.members} | {p.rsplit(".", 1)[0] for p in g.params})))
+            else:
+                keep.append(g)
+        for i, g in enumerate(keep):
+            g.index = i
+        self.groups = keep
 
     # -- plans -> cuts ----------------------------------------------------------------------
     def validate(self, plan: PruningPlan) -> None:
@@ -265,9 +410,9 @@ class PruningSpace:
                 alloc[g.index] = cut
         return alloc
 
-    def predict_macs(self, allocation: Allocation) -> float:
-        """Exact MACs of the model after ``allocation`` without touching weights."""
-        return self.mac_model.macs(allocation, self.groups)
+    def predict_macs(self, allocation: Allocation, strict: bool = False) -> float:
+        """Exact MACs of the model after ``allocation`` without touching weights (see :meth:`MacModel.macs`)."""
+        return self.mac_model.macs(allocation, self.groups, strict=strict)
 
     def max_reduction_macs(self, plan: PruningPlan) -> float:
         """Smallest MACs reachable with this plan shape (every group at its cap)."""
@@ -281,57 +426,71 @@ class PruningSpace:
     # -- cutting ----------------------------------------------------------------------------
     def pruning_indices(self, g: GroupInfo, cut: Cut) -> list[int]:
         """Root-dimension indices removed by ``cut``: lowest-importance units (and heads), replicated per group."""
-        order = torch.argsort(g.importance, stable=True)
-        dim_idx = set(order[: cut.dims].tolist())
-        heads = set()
-        if cut.heads and g.head_importance is not None:
-            heads = set(torch.argsort(g.head_importance, stable=True)[: cut.heads].tolist())
-        idxs = [h * g.channels + j for h in range(g.ch_groups) for j in range(g.channels) if h in heads or j in dim_idx]
-        return idxs
+        return pruned_root_indices(g, cut)
 
-    def _planned(self, model: nn.Module, DG: tp.DependencyGraph, allocation: Allocation) -> list:
-        """``(root module, pruning fn, indices)`` per cut group of ``allocation``, on ``model`` and its graph ``DG``."""
-        modules = dict(model.named_modules())
+    def _planned(self, allocation: Allocation) -> list:
+        """``(root module, pruning fn, indices)`` per cut group of ``allocation``, on this space's model and graph."""
+        modules = dict(self.model.named_modules())
         planned = []
         for i, cut in sorted(allocation.items()):
             g = self.groups[i]
             root = modules[g.root]
-            pruner_fn = DG.get_pruner_of_module(root)
+            pruner_fn = self.DG.get_pruner_of_module(root)
             fn = pruner_fn.prune_out_channels if g.root_is_out else pruner_fn.prune_in_channels
             planned.append((root, fn, self.pruning_indices(g, cut)))
         return planned
 
     def interactive(self, allocation: Allocation) -> Iterator:
         """Yield Torch-Pruning groups for ``allocation`` one by one; call ``group.prune()`` to cut (or skip to veto)."""
-        self.pruner.set_groups(self._planned(self.model, self.pruner.DG, allocation))
-        return self.pruner.step(interactive=True)
+        with patched():
+            for module, fn, idxs in self._planned(allocation):
+                group = self.DG.get_pruning_group(module, fn, idxs)
+                if self.DG.check_pruning_group(group):
+                    yield group
 
     def apply(self, allocation: Allocation, veto: Callable[[object], bool] | None = None) -> nn.Module:
-        """Cut the model copy in place (once) and return it; ``veto(group) -> True`` skips a group."""
+        """Cut the model copy in place (once) and return it; ``veto(group) -> True`` skips a group.
+
+        Parameters Torch-Pruning does not know of are kept in step: extra per-channel parameters of
+        conv/linear subclasses (weight-standardised convs' ``gain``) and tuple attributes that hold a
+        parameter's shape (layer scales reshaped with ``self.shape``).
+        """
         if getattr(self, "_applied", False):
             raise PruningError("this space was already applied; build a new one from the original model")
-        for group in self.interactive(allocation):
-            if veto is not None and veto(group):
-                continue
-            group.prune()
         self._applied = True
+        shapes = shape_attributes(self.model)
+        with patched():
+            for group in self.interactive(allocation):
+                if veto is not None and veto(group):
+                    continue
+                extra = extra_channel_params(group, self.DG)
+                group.prune()
+                prune_extra_params(extra)
+        sync_shape_attributes(shapes)
         return self._finish(self.model, allocation)
 
     def pruned_copy(self, allocation: Allocation) -> nn.Module:
         """A pruned deep copy of the (unapplied) model; the space, its model and its graph stay untouched.
 
-        Cuts exactly what :meth:`apply` would (same groups, indices, checks and order) on a fresh
-        dependency graph of the copy, so ``space.pruned_copy(a)`` has the shapes of ``space.apply(a)``.
+        Cuts exactly what :meth:`apply` would (same groups, indices, checks and order) on a fork of the
+        space (a copy of the model and of its dependency graph), so it has the shapes of ``space.apply(a)``.
         """
-        if getattr(self, "_applied", False):
-            raise PruningError("cannot copy a space that was already applied; build a new one from the original model")
-        model = copy.deepcopy(self.model)
-        DG = dependency_graph(model, self.example)
-        for module, fn, idxs in self._planned(model, DG, allocation):
-            group = DG.get_pruning_group(module, fn, idxs)
-            if DG.check_pruning_group(group):
-                group.prune()
-        return self._finish(model, allocation)
+        return self.fork().apply(allocation)
+
+    def measure_macs(self, allocation: Allocation) -> float:
+        """MACs of the model cut by ``allocation``, counted on a cut copy (``meta`` weights when the model allows)."""
+        fork = self.fork(self.probe_device)
+        try:
+            pruned = fork.apply(allocation)
+            return count_in_place(pruned, fork.example)[0]
+        except Exception as exc:  # noqa: BLE001 - this allocation breaks the model: freeze the culprits
+            blame, reason = blame_cut(self, allocation)
+            if not blame:
+                raise PruningError(f"cutting {type(self.model).__name__} breaks it ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:120] if str(exc) else ''})") from None
+            self.freeze(blame, reason)
+            self.refresh()
+            raise GroupsFrozen(f"froze {len(blame)} groups: {reason}") from None
 
     def _finish(self, model: nn.Module, allocation: Allocation) -> nn.Module:
         """After cutting ``model`` by ``allocation``: attention head counts and attributes, no stale gradients."""
@@ -351,7 +510,7 @@ class PruningSpace:
 
     def pruning_history(self) -> list:
         """Torch-Pruning's record of what was cut (module name, out/in, indices): enough to rebuild the shapes."""
-        return [list(h) for h in self.pruner.DG.pruning_history()]
+        return [list(h) for h in self.DG.pruning_history()]
 
     def group_table(self, allocation: Allocation | None = None) -> list[dict]:
         """One row per group: stage, kind, channels, and what an allocation keeps."""
@@ -366,10 +525,15 @@ class PruningSpace:
 
 
 def dependency_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
-    """Torch-Pruning's dependency graph of ``model`` (traced on ``example``), as :class:`PruningSpace` builds it."""
-    with warnings.catch_warnings():
+    """Torch-Pruning's dependency graph of ``model`` (traced on ``example``) as :class:`PruningSpace` builds it
+    (same graph fixes, unwrapped parameters and ignored parameters), for replaying a pruning history."""
+    with warnings.catch_warnings(), analysing():
         warnings.filterwarnings("ignore")
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example, ignored_params=[])
+        DG = ReplayGraph().build_dependency(model, example_inputs=example, ignored_params=[],
+                                            unwrapped_parameters=unwrapped_parameters(model))
+        for _ in iter_groups(DG, stem_and_head(model), [nn.Conv2d, nn.Linear]):
+            pass  # drops unwrapped parameters that are not channel-indexed, as the analysis did
+    return DG
 
 
 def example_input(input_size: int, batch: int = 1, channels: int = 3) -> torch.Tensor:
@@ -377,7 +541,37 @@ def example_input(input_size: int, batch: int = 1, channels: int = 3) -> torch.T
     return torch.randn(batch, channels, input_size, input_size, generator=torch.Generator().manual_seed(0))
 
 
-def count_macs_params(model: nn.Module, example: torch.Tensor) -> tuple[float, int]:
-    """MACs per sample and parameters, counted the way Torch-Pruning counts them."""
-    macs, params = tp.utils.count_ops_and_params(model, example)
-    return macs, int(params)
+
+
+# --------------------------------------------------------------------------------------------
+# Torch-Pruning glue: tracing, groups, parameters TP does not cut
+# --------------------------------------------------------------------------------------------
+def trace_model(model: nn.Module, example: torch.Tensor, importance, ignored: list[nn.Module]) -> tp.pruner.MetaPruner:
+    """Torch-Pruning's MetaPruner on ``model`` (dependency graph, heads, channel groups); one-line error if it fails."""
+    num_heads = {qkv: attn.num_heads for qkv, attn in attention_modules(model).items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore")
+            pruner = tp.pruner.MetaPruner(  # no root types while it counts its own channels: we group once, below
+                model, example, importance=importance, global_pruning=True, isomorphic=True,
+                ignored_layers=ignored, num_heads=num_heads, round_to=None, root_module_types=[],
+                unwrapped_parameters=unwrapped_parameters(model),
+            )
+            pruner.root_module_types = [nn.Conv2d, nn.Linear]
+            return pruner
+    except Exception as exc:  # noqa: BLE001 - anything TP or the model raises while tracing
+        where, _ = failing_module(model, example, grad=True)
+        place = f" (in module '{where[0]}' ({where[1]}))" if where else " (in Torch-Pruning's graph construction)"
+        raise PruningError(f"cannot trace {type(model).__name__} for structured pruning: "
+                           f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}{place}") from None
+
+
+def _scorable_group(pr: tp.pruner.MetaPruner, group) -> tuple[object, str | None]:
+    """Attention groups re-rooted the way MetaPruner does; ``(None, None)`` for attention groups it skips."""
+    is_attn, _ = pr._is_atten_group(group)
+    if not is_attn:
+        return group, None
+    try:
+        return pr._downstream_node_as_root_if_attention(group), None
+    except Exception as exc:  # noqa: BLE001
+        return None, f"attention group cannot be re-rooted ({type(exc).__name__})"

@@ -1,0 +1,131 @@
+"""Architectures plain Torch-Pruning cannot prune (or that our solver used to miss), small inputs.
+
+Each was a failure of issue 17: concatenations (DenseNet), splits with several consumers per chunk
+(CSPNet), split sizes kept in a Python attribute (MixNet), layer scales reshaped with a stored shape
+(PoolFormer), weight-standardised convs with a per-channel gain (NF-ResNet), a loader keyword the model
+does not take (FastViT). Random weights: MACs do not depend on weight values.
+"""
+import pytest
+import torch
+from torch import nn
+
+from pruning.checkpoint import bundle_bytes, load_pruned, make_bundle
+from pruning.engine import OutOfBand, prune_to_target
+from pruning.models import ModelSpec, load_model
+from pruning.plan import PruningPlan
+from pruning.profile import profile_model
+from pruning.solver import MacBand, solve
+from pruning.space import PruningError, PruningSpace, count_macs_params, example_input
+from tasks.contexts import SpaceCache
+from tasks.prune_step import prune_candidate
+
+CASES = [  # (name, input size)
+    ("densenet121", 64),
+    ("cspresnet50", 64),
+    ("tf_mixnet_s", 64),
+    ("poolformer_s12", 64),
+    ("nf_resnet50", 64),
+    ("fastvit_t8", 64),
+]
+
+
+def _load(name: str, size: int) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    return load_model(ModelSpec(name=name, num_classes=10, input_size=size)), example_input(size)
+
+
+def _band(model, example, fraction=0.5) -> MacBand:
+    base = count_macs_params(model, example)[0]
+    return MacBand(target_macs=base * fraction, overshoot_pct=1, undershoot_pct=5)
+
+
+@pytest.mark.parametrize("name,size", CASES, ids=[c[0] for c in CASES])
+def test_lands_in_band_with_a_working_forward(name, size):
+    model, ex = _load(name, size)
+    band = _band(model, ex)
+    pruned, res, _ = prune_to_target(model, ex, PruningPlan(), band)
+    assert res.in_band and abs(res.error_pct) <= 1.0
+    assert count_macs_params(pruned, ex)[0] == res.achieved_macs
+    with torch.no_grad():
+        assert pruned(ex).shape == (1, 10)
+
+
+def test_loader_passes_only_accepted_keywords():
+    fastvit = load_model(ModelSpec(name="fastvit_t8", input_size=64))  # FastVit takes no img_size
+    assert fastvit(example_input(64)).shape[-1] == 1000
+    vit = load_model(ModelSpec(name="deit_tiny_patch16_224", num_classes=10, input_size=64))
+    assert tuple(vit.patch_embed.img_size) == (64, 64)  # ViTs still get their resolution
+
+
+def test_concat_prediction_is_exact_and_split_space_freezes_only_what_breaks():
+    model, ex = _load("densenet121", 64)
+    space = PruningSpace.build(model, ex, PruningPlan())
+    assert space.mac_model.exact and not space.frozen
+    alloc = space.allocate(PruningPlan(), 0.4)
+    assert count_macs_params(space.fork().apply(alloc), ex)[0] == space.predict_macs(alloc)
+
+    mix, mex = _load("tf_mixnet_s", 64)
+    mspace = PruningSpace.build(mix, mex, PruningPlan())
+    assert mspace.frozen and mspace.groups  # some groups frozen, the rest prunes
+    prof = profile_model(mix, mex, name="tf_mixnet_s", space=mspace)
+    assert len(prof.frozen) == len(mspace.frozen) and "frozen groups" in prof.summary()
+    assert {m for f in mspace.frozen for m in f.modules} <= set(mspace.ignored_names)
+
+
+def test_rebuilt_bundle_has_the_pruned_shapes():
+    model, ex = _load("tf_mixnet_s", 64)  # split sizes kept in MixedConv2d.splits must follow the cut
+    pruned, res, space = prune_to_target(model, ex, PruningPlan(), _band(model, ex))
+    bundle = make_bundle(pruned, ModelSpec(name="tf_mixnet_s", num_classes=10), res.plan, space.pruning_history(), 64,
+                         metrics={}, attention_heads=space.attention_heads())
+    rebuilt, _ = load_pruned(bundle_bytes(bundle))
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(ex), pruned.eval()(ex), atol=1e-5)
+
+
+def test_measured_fallback_lands_where_the_prediction_is_distrusted():
+    model, ex = _load("resnet18", 64)
+    space = PruningSpace.build(model, ex, PruningPlan())
+    space.mac_model.exact = False  # as if the trial cut had disagreed with the prediction
+    band = _band(model, ex)
+    sol = solve(space, PruningPlan(), band)
+    assert sol.source == "measured" and sol.measured_probes >= 1
+    assert band.contains(count_macs_params(space.fork().apply(sol.cuts()), ex)[0])
+
+
+def test_failed_solve_is_one_line_error():
+    model, ex = _load("resnet18", 64)
+    base = count_macs_params(model, ex)[0]
+    band = MacBand(target_macs=base * 0.5, overshoot_pct=0, undershoot_pct=0)  # no width lands exactly
+    with pytest.raises(OutOfBand, match=r"from the target .*: ") as err:
+        prune_to_target(model, ex, PruningPlan(round_to=32), band)
+    assert "\n" not in str(err.value)
+    _, res, _ = prune_to_target(model, ex, PruningPlan(round_to=32), band, strict=False)  # the search's mode
+    assert not res.in_band
+
+
+class _NoAutograd(nn.Module):
+    def forward(self, x):
+        if torch.is_grad_enabled():
+            raise RuntimeError("this block cannot be traced")
+        return x
+
+
+def test_untraceable_model_names_the_module():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _NoAutograd(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4))
+    ex = example_input(16)
+    with torch.no_grad():
+        model(ex)
+    with pytest.raises(PruningError, match=r"cannot trace .*\(in module '2' \(_NoAutograd\)\)"):
+        PruningSpace.build(model, ex, PruningPlan())
+
+
+def test_candidates_share_one_analysed_space():
+    model, ex = _load("resnet18", 64)
+    cache, band = SpaceCache(), _band(model, ex)
+    shapes = []
+    for mult in (1.0, 0.5):
+        m, pruned, space = prune_candidate(model, ex, PruningPlan(stage_multipliers={"layer4": mult}), band,
+                                           spaces=cache)
+        assert m.status == "ok" and m.in_band and pruned is not None and space.pruning_history()
+        shapes.append([p.shape for p in pruned.parameters()])
+    assert cache.builds == 1 and cache.hits == 1 and shapes[0] != shapes[1]
