@@ -149,7 +149,19 @@ def plain_tp(model, example, band, max_probes: int) -> dict:
             "tp_s": round(sum(times), 2), "tp_error": error}
 
 
-def worker(name: str, max_probes: int) -> list[dict]:
+class _TimeUp(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimeUp()
+
+
+def worker(name: str, max_probes: int, tp_limit: int) -> list[dict]:
+    """Ours at both budgets first, then plain TP at both, each TP budget stopped after ``tp_limit`` s
+    (plain TP can run for many minutes on some graphs: ReXNet)."""
+    import signal
+
     import torch
 
     from pruning.solver import MacBand
@@ -165,18 +177,27 @@ def worker(name: str, max_probes: int) -> list[dict]:
         row = {"model": name, "family": type(model).__module__.rsplit(".", 1)[-1], "input": size,
                "budget": f"{fraction:.0%}", "base_G": round(base / 1e9, 4)}
         row.update(ours(model, example, band))
-        row.update(plain_tp(model, example, band, max_probes))
+        rows.append((row, band))
+    signal.signal(signal.SIGALRM, _alarm)
+    for row, band in rows:
+        signal.alarm(tp_limit)
+        try:
+            row.update(plain_tp(model, example, band, max_probes))
+        except _TimeUp:
+            row.update({"tp_in_band": False, "tp_error": f"timed out after {tp_limit} s"})
+        finally:
+            signal.alarm(0)
         if row.get("tp_prune_count_s"):
             row["ours_over_prune_count"] = round(row["ours_s"] / row["tp_prune_count_s"], 2)
-        rows.append(row)
-    return rows
+    return [row for row, _ in rows]
 
 
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
 def run_model(name: str, category: str, timeout: int, max_probes: int) -> list[dict]:
-    cmd = [sys.executable, __file__, "--worker", name, "--tp-probes", str(max_probes)]
+    cmd = [sys.executable, __file__, "--worker", name, "--tp-probes", str(max_probes),
+           "--tp-limit", str(max(30, (timeout - 60) // 3))]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT.parent)
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -239,17 +260,33 @@ def update_readme(text_block: str, marker: str = "coverage") -> None:
     readme.write_text(text)
 
 
+def _write(pd, rows: list[dict], args):
+    """Write the CSV (with ``--merge``: the other models' rows of the existing CSV kept, in list order)."""
+    df = pd.DataFrame(rows)
+    out = Path(args.out)
+    if args.merge and out.exists():
+        old = pd.read_csv(out)
+        df = pd.concat([old[~old["model"].isin(df["model"])], df], ignore_index=True)
+        order = {name: i for i, (name, _) in enumerate(MODELS)}
+        df = df.sort_values("model", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    out.parent.mkdir(exist_ok=True)
+    df[[c for c in COLUMNS if c in df.columns]].to_csv(out, index=False)
+    return df
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per model (both budgets, ours and TP)")
     ap.add_argument("--tp-probes", type=int, default=8)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tp-limit", type=int, default=120, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "results" / "coverage.csv"))
+    ap.add_argument("--merge", action="store_true", help="replace only these models' rows in --out")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        for row in worker(args.worker, args.tp_probes):
+        for row in worker(args.worker, args.tp_probes, args.tp_limit):
             print(json.dumps(row), flush=True)
         return
     import pandas as pd
@@ -265,10 +302,8 @@ def main() -> None:
         print(f"{name}: " + "; ".join(f"{r['budget']} ours={r.get('ours_in_band')} ({r.get('ours_error_pct')}) "
                                       f"tp={r.get('tp_in_band')}" for r in got) + f" [{time.perf_counter() - t:.0f} s]",
               flush=True)
-        df = pd.DataFrame(rows)
-        Path(args.out).parent.mkdir(exist_ok=True)
-        df[[c for c in COLUMNS if c in df.columns]].to_csv(args.out, index=False)
-    df = pd.DataFrame(rows)
+        _write(pd, rows, args)
+    df = _write(pd, rows, args)
     text = summary(df) + "\n\n" + markdown(df)
     if not args.no_readme:
         update_readme(text)

@@ -100,7 +100,9 @@ def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | No
 
 
 def stem_and_head(model: nn.Module) -> list[nn.Module]:
-    """Layers that are never pruned: the first conv/linear the input meets, and the classifier."""
+    """Layers that are never pruned: the first conv/linear the input meets, and the classifier(s): the
+    timm classifier and any other linear/1x1 layer producing ``num_classes`` outputs (a distillation
+    head averaged with it, as in EfficientFormer / LeViT)."""
     keep = []
     for m in model.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
@@ -109,6 +111,12 @@ def stem_and_head(model: nn.Module) -> list[nn.Module]:
     head = classifier(model)
     if head is not None:
         keep.append(head)
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and classes > 0:
+        for m in model.modules():
+            width = m.out_features if isinstance(m, nn.Linear) else getattr(m, "out_channels", None)
+            if isinstance(m, (nn.Linear, nn.Conv2d)) and width == classes and all(m is not k for k in keep):
+                keep.append(m)
     return keep
 
 
@@ -140,7 +148,7 @@ class PruningSpace:
         self.user_ignored = sorted({n for n, m in model.named_modules() if m in ignored})
         self.frozen: list[FrozenGroup] = []
         self.inexact: list[str] = []  # groups whose TP closure cuts more than their root says (measured)
-        self.probe_device: str = "meta"
+        self.probe_device: str = "cpu"  # the trial cut switches to "meta" where that is faster
         with analysing():
             self.pruner = trace_model(model, example, create_importance(plan.importance, seed), ignored)
             self.DG = self.pruner.DG
