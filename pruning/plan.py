@@ -40,6 +40,9 @@ class PruningPlan(BaseModel):
         default_factory=dict, description=f"per-kind scale of the ratio, kinds: {', '.join(GROUP_KINDS)}"
     )
     round_to: int = Field(8, ge=1, le=64, description="kept channels are a multiple of this (SIMD friendly)")
+    narrow_alignment: bool = Field(
+        True, description="a group narrower than 8 x round_to aligns to the largest power of two <= its width / 8 "
+                          "(>= 1), so narrow layers can still be cut down to max_layer_ratio; False: round_to everywhere")
     max_layer_ratio: float = Field(0.9, gt=0.0, lt=1.0, description="no group loses more than this fraction")
     min_head_dim: int = Field(8, ge=1, description="attention head_dim never drops below this")
     ignored_layers: list[str] = Field(
@@ -65,6 +68,15 @@ class PruningPlan(BaseModel):
     def multiplier(self, stage: str, kind: str) -> float:
         """Combined multiplier of a group in ``stage`` of ``kind``."""
         return self.stage_multipliers.get(stage, 1.0) * self.kind_multipliers.get(kind, default_kind_multiplier(kind))
+
+    def align(self, channels: int) -> int:
+        """Kept channels of a group ``channels`` wide are a multiple of this (``round_to`` unless narrow)."""
+        if not self.narrow_alignment or channels >= 8 * self.round_to:
+            return self.round_to
+        step = 1
+        while step * 2 <= min(self.round_to, channels // 8):
+            step *= 2
+        return step
 
     def scaled(self, channel_ratio: float) -> "PruningPlan":
         """The same shape with another base ratio."""

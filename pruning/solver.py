@@ -300,8 +300,9 @@ def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Alloca
             cut = current.get(g.index, Cut())
             keep = g.channels - cut.dims
             # over target -> remove one step; under target -> give one step back
-            new_keep = keep - plan.round_to if err > 0 else keep + plan.round_to
-            min_keep = plan.min_head_dim if g.is_attention else plan.round_to
+            step = plan.align(g.channels)
+            new_keep = keep - step if err > 0 else keep + step
+            min_keep = plan.min_head_dim if g.is_attention else step
             if new_keep < max(1, min_keep) or new_keep > g.channels:
                 continue
             if (g.channels - new_keep) > g.channels * plan.max_layer_ratio:

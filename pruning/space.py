@@ -400,7 +400,7 @@ class PruningSpace:
         alloc: Allocation = {}
         for g in self.groups:
             d = dims.get(g.index, 0)
-            round_to = plan.round_to
+            round_to = plan.align(g.channels)
             min_keep = 1
             if g.is_attention:
                 min_keep = min(g.channels, plan.min_head_dim)

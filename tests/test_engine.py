@@ -179,3 +179,19 @@ class _NoChannels(nn.Module):
 def test_unprunable_architecture_is_a_clear_error():
     with pytest.raises(PruningError, match="no prunable channel groups"):
         PruningSpace.build(_NoChannels(), example_input(8), PruningPlan())
+
+
+def test_narrow_groups_align_finer_so_small_models_still_reach_deep_budgets():
+    """regnetx_002's 24-channel stage: round_to 8 would keep a third of it; aligning narrow groups to a
+    power of two <= width / 8 lets every group reach max_layer_ratio, wide groups keep round_to."""
+    plan = PruningPlan()
+    assert [plan.align(c) for c in (16, 24, 32, 56, 64, 512)] == [2, 2, 4, 4, 8, 8]
+    assert PruningPlan(narrow_alignment=False).align(24) == 8
+    model = timm.create_model("regnetx_002", num_classes=10).eval()
+    ex = example_input(64)
+    base, _ = count_macs_params(model, ex)
+    space = PruningSpace.build(model, ex, plan)
+    strict = PruningPlan(narrow_alignment=False)
+    assert space.max_reduction_macs(plan) < 0.6 * space.max_reduction_macs(strict)
+    pruned, res, _ = prune_to_target(model, ex, plan, MacBand(target_macs=0.25 * base, overshoot_pct=1, undershoot_pct=5))
+    assert res.in_band and pruned(ex).shape == (1, 10)
