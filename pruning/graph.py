@@ -148,6 +148,7 @@ def _update_index_mapping(graph) -> None:
     if not getattr(graph, "_ap_chunks_split", False):
         graph._ap_chunks_split = True
         split_chunks(graph)
+        map_channel_splits(graph)
     if _ANALYSING[0] and getattr(graph, "_ap_mapped", False):
         return
     _ORIGINAL["update_index_mapping"](graph)
@@ -260,6 +261,37 @@ def split_chunks(graph: tp.DependencyGraph) -> int:
         graph._build_dependency(graph.module2node)
         shape_infer.init_shape_information(graph)
     return rewired
+
+
+def _split_dim(grad_fn) -> int | None:
+    """The (non-negative) dim of a split's autograd node, or None when unknown."""
+    dim, sizes = getattr(grad_fn, "_saved_dim", None), getattr(grad_fn, "_saved_self_sym_sizes", None)
+    if dim is None or sizes is None:
+        return None
+    dim = int(dim)
+    if dim >= 1 << 63:  # autograd stores a negative dim as an unsigned 64-bit value
+        dim -= 1 << 64
+    return dim + len(sizes) if dim < 0 else dim
+
+
+def map_channel_splits(graph: tp.DependencyGraph) -> int:
+    """Re-enable the index mapping of channel splits that TP switched off.
+
+    TP disables the mapping of every split downstream of a 3-D unwrapped parameter (a ViT's position
+    embedding), meant for token-dim concatenations; a split of the channel dim (``x.chunk(2, -1)`` of a
+    gated MLP on tokens, EVA-02's GluMlp) then passes unmapped indices to the next layer. Returns how many."""
+    fixed = 0
+    for node in graph.module2node.values():
+        if node.type != tp.ops.OPTYPE.SPLIT or node.enable_index_mapping:
+            continue
+        sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None)
+        dim = _split_dim(node.grad_fn)
+        if sizes is None or dim is None or getattr(node.module, "offsets", None) is None:
+            continue
+        if (len(sizes) == 3 and dim == 2) or (len(sizes) in (2, 4) and dim == 1):
+            node.enable_index_mapping = True
+            fixed += 1
+    return fixed
 
 
 # --------------------------------------------------------------------------------------------

@@ -129,3 +129,24 @@ def test_candidates_share_one_analysed_space():
         assert m.status == "ok" and m.in_band and pruned is not None and space.pruning_history()
         shapes.append([p.shape for p in pruned.parameters()])
     assert cache.builds == 1 and cache.hits == 1 and shapes[0] != shapes[1]
+
+
+def test_gated_mlp_after_a_position_embedding_is_pruned_in_pairs():
+    """EVA-02's GluMlp: ``fc1(x).chunk(2, -1)`` on tokens. Torch-Pruning switches the split's index
+    mapping off below any 3-D parameter (the position embedding), so fc2 got fc1's indices and every
+    group froze; the channel split is mapped again and halves are cut in pairs."""
+    import timm
+    from timm.layers import GluMlp
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10,
+                              mlp_layer=GluMlp).eval()
+    ex = example_input(32)
+    space = PruningSpace.build(model, ex, PruningPlan())
+    assert not space.frozen and any(g.root.endswith("mlp.fc1") for g in space.groups)
+    pruned, res, _ = prune_to_target(model, ex, PruningPlan(), _band(model, ex))
+    assert res.in_band
+    mlp = pruned.blocks[0].mlp
+    assert mlp.fc1.out_features == 2 * mlp.fc2.in_features < 2 * model.blocks[0].mlp.fc2.in_features
+    with torch.no_grad():
+        assert pruned(ex).shape == (1, 10)
