@@ -157,7 +157,7 @@ def _alarm(signum, frame):
     raise _TimeUp()
 
 
-def worker(name: str, max_probes: int, tp_limit: int) -> list[dict]:
+def worker(name: str, max_probes: int, tp_limit: int, ours_only: bool = False) -> list[dict]:
     """Ours at both budgets first, then plain TP at both, each TP budget stopped after ``tp_limit`` s
     (plain TP can run for many minutes on some graphs: ReXNet)."""
     import signal
@@ -179,7 +179,7 @@ def worker(name: str, max_probes: int, tp_limit: int) -> list[dict]:
         row.update(ours(model, example, band))
         rows.append((row, band))
     signal.signal(signal.SIGALRM, _alarm)
-    for row, band in rows:
+    for row, band in [] if ours_only else rows:
         signal.alarm(tp_limit)
         try:
             row.update(plain_tp(model, example, band, max_probes))
@@ -195,9 +195,9 @@ def worker(name: str, max_probes: int, tp_limit: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
-def run_model(name: str, category: str, timeout: int, max_probes: int) -> list[dict]:
+def run_model(name: str, category: str, timeout: int, max_probes: int, ours_only: bool = False) -> list[dict]:
     cmd = [sys.executable, __file__, "--worker", name, "--tp-probes", str(max_probes),
-           "--tp-limit", str(max(30, (timeout - 60) // 3))]
+           "--tp-limit", str(max(30, (timeout - 60) // 3))] + (["--ours-only"] if ours_only else [])
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT.parent)
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -245,19 +245,19 @@ def summary(df) -> str:
             lines.append(f"  ours in band: |error| <= 0.5 % on {int((ok['ours_error_pct'].abs() <= 0.5).sum())}/{len(ok)}, "
                          f"analytic (exact) on {int((ok['ours_mac_source'] == 'analytic').sum())}, measured fallback on "
                          f"{int((ok['ours_mac_source'] == 'measured').sum())}, median {ok['ours_s'].median():.1f} s.")
+    exact = df[(df["ours_mac_source"] == "analytic") & df["ours_over_prune_count"].notna()]
+    if len(exact):
+        r = exact["ours_over_prune_count"]
+        lines.append(f"- Solve time where the analytic path applies ({len(exact)} rows: trace, trial cut, solve, cut and "
+                     f"count, over one plain TP prune+count): median {r.median():.2f}x, 90th percentile "
+                     f"{r.quantile(0.9):.2f}x, <= 2x on {int((r <= 2).sum())}/{len(exact)}.")
+    failing = df[df["ours_in_band"] != True]  # noqa: E712
+    if len(failing):
+        lines.append("\nStill failing (ours), one line each:\n")
+        for _, r in failing.iterrows():
+            tp_note = "plain TP lands it" if r.get("tp_in_band") == True else "plain TP fails too"  # noqa: E712
+            lines.append(f"- `{r['model']}` {r['budget']}: {str(r.get('ours_error', ''))[:230]} ({tp_note})")
     return "\n".join(lines)
-
-
-def update_readme(text_block: str, marker: str = "coverage") -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
-    block = f"{start}\n{text_block}\n{end}"
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text += f"\n{block}\n"
-    readme.write_text(text)
 
 
 def _write(pd, rows: list[dict], args):
@@ -266,6 +266,11 @@ def _write(pd, rows: list[dict], args):
     out = Path(args.out)
     if args.merge and out.exists():
         old = pd.read_csv(out)
+        if args.ours_only:  # plain TP does not depend on this project's code: keep its measured columns
+            tp_cols = ["model", "budget"] + [c for c in old.columns if c.startswith("tp_")]
+            df = df.drop(columns=[c for c in tp_cols[2:] if c in df.columns]).merge(
+                old[tp_cols], on=["model", "budget"], how="left")
+            df["ours_over_prune_count"] = (df["ours_s"] / df["tp_prune_count_s"]).round(2)
         df = pd.concat([old[~old["model"].isin(df["model"])], df], ignore_index=True)
         order = {name: i for i, (name, _) in enumerate(MODELS)}
         df = df.sort_values("model", key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
@@ -283,21 +288,26 @@ def main() -> None:
     ap.add_argument("--tp-limit", type=int, default=120, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "results" / "coverage.csv"))
     ap.add_argument("--merge", action="store_true", help="replace only these models' rows in --out")
+    ap.add_argument("--ours-only", action="store_true",
+                    help="with --merge: re-measure only ours, keep plain TP's columns from --out")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args()
     if args.worker:
-        for row in worker(args.worker, args.tp_probes, args.tp_limit):
+        for row in worker(args.worker, args.tp_probes, args.tp_limit, args.ours_only):
             print(json.dumps(row), flush=True)
         return
     import pandas as pd
+    from mac_targeting import update_readme
 
+    if args.ours_only and not args.merge:
+        ap.error("--ours-only needs --merge (plain TP's columns come from the existing CSV)")
     wanted = set(filter(None, args.models.split(",")))
     rows = []
     for name, category in MODELS:
         if wanted and name not in wanted:
             continue
         t = time.perf_counter()
-        got = run_model(name, category, args.timeout, args.tp_probes)
+        got = run_model(name, category, args.timeout, args.tp_probes, args.ours_only)
         rows += got
         print(f"{name}: " + "; ".join(f"{r['budget']} ours={r.get('ours_in_band')} ({r.get('ours_error_pct')}) "
                                       f"tp={r.get('tp_in_band')}" for r in got) + f" [{time.perf_counter() - t:.0f} s]",
@@ -306,7 +316,7 @@ def main() -> None:
     df = _write(pd, rows, args)
     text = summary(df) + "\n\n" + markdown(df)
     if not args.no_readme:
-        update_readme(text)
+        update_readme(text, marker="coverage")
     print(text)
 
 

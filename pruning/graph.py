@@ -422,6 +422,9 @@ def shape_attributes(model: nn.Module) -> list[tuple]:
     """
     out = []
     for m in model.modules():
+        if _width_free_blur(m):
+            out.append(("blur", m, "channels", "filt", m.channels))
+            continue
         params = list(m.named_parameters(recurse=False))
         convs = [c for c in m.modules() if c is not m and isinstance(c, nn.modules.conv._ConvNd)]
         for attr, value in vars(m).items():
@@ -439,9 +442,23 @@ def shape_attributes(model: nn.Module) -> list[tuple]:
     return out
 
 
+def _width_free_blur(m: nn.Module) -> bool:
+    """timm's ``BlurPool2d`` (TResNet, ResNet-AA anti-aliasing) with ``channels`` set: its depthwise filter
+    buffer (non-persistent, rebuilt at creation) is one binomial kernel repeated per channel, so it can
+    follow any input width instead."""
+    from timm.layers import BlurPool2d
+
+    filt = getattr(m, "filt", None)
+    return (isinstance(m, BlurPool2d) and isinstance(m.channels, int) and isinstance(filt, torch.Tensor)
+            and filt.shape[0] == m.channels)
+
+
 def sync_shape_attributes(recorded: list[tuple]) -> None:
     """After a cut: rewrite the attributes recorded by :func:`shape_attributes` to the new widths."""
     for kind, m, attr, ref, value in recorded:
+        if kind == "blur":  # one shared filter: let it follow the input width (timm's channels=None mode)
+            m.channels, m.filt = None, m.filt[:1].clone()
+            continue
         if kind == "splits":
             setattr(m, attr, value(c.in_channels for c in ref))
             continue

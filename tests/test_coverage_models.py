@@ -150,3 +150,21 @@ def test_gated_mlp_after_a_position_embedding_is_pruned_in_pairs():
     assert mlp.fc1.out_features == 2 * mlp.fc2.in_features < 2 * model.blocks[0].mlp.fc2.in_features
     with torch.no_grad():
         assert pruned(ex).shape == (1, 10)
+
+
+def test_anti_aliased_downsampling_is_pruned_and_rebuilds(tmp_path):
+    """timm's BlurPool2d (ResNet-blur, TResNet) keeps a filter per channel and its width in a Python
+    attribute: every group feeding one froze ("Invalid channel dimensions"). Its filter is one kernel
+    repeated, so it follows the new width; the saved bundle rebuilds the same model."""
+    model, ex = _load("resnetblur18", 64)
+    space = PruningSpace.build(model, ex, PruningPlan())
+    assert not space.frozen
+    pruned, res, space = prune_to_target(model, ex, PruningPlan(), _band(model, ex, 0.25))
+    assert res.in_band
+    blur = [m for m in pruned.modules() if type(m).__name__ == "BlurPool2d"]
+    assert blur and all(m.channels is None and m.filt.shape[0] == 1 for m in blur)
+    bundle = make_bundle(pruned, ModelSpec(name="resnetblur18", num_classes=10, input_size=64), res.plan,
+                         space.pruning_history(), 64)
+    again, _ = load_pruned(bundle_bytes(bundle))
+    with torch.no_grad():
+        assert torch.equal(again.eval()(ex), pruned.eval()(ex))
