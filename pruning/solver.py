@@ -278,7 +278,8 @@ def _solve_measured(space: PruningSpace, plan: PruningPlan, band: MacBand, max_m
 
 def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Allocation, tol_pct: float,
             max_moves: int = 12, macs_of=None) -> tuple[Allocation, int, float]:
-    """Greedy single-group moves of one ``round_to`` step that bring the MACs closer to the target.
+    """Greedy single-group moves that bring the MACs closer to the target: one alignment step of a group,
+    or as many steps of it as the remaining error suggests (so a coarse bisection bracket still converges).
 
     Returns the allocation, the number of extra probes, and the smallest MAC step seen (% of target).
     """
@@ -299,25 +300,30 @@ def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Alloca
                 continue
             cut = current.get(g.index, Cut())
             keep = g.channels - cut.dims
-            # over target -> remove one step; under target -> give one step back
             step = plan.align(g.channels)
-            new_keep = keep - step if err > 0 else keep + step
-            min_keep = plan.min_head_dim if g.is_attention else step
-            if new_keep < max(1, min_keep) or new_keep > g.channels:
-                continue
-            if (g.channels - new_keep) > g.channels * plan.max_layer_ratio:
-                continue
-            trial = dict(current)
-            trial[g.index] = Cut(dims=g.channels - new_keep, heads=cut.heads)
-            m = macs_of(trial)
-            probes += 1
-            step_min = min(step_min, abs(m - cur_macs))
-            if m > band.upper:
-                continue
-            if abs(m - band.target_macs) < abs(cur_macs - band.target_macs) and (
-                best_move is None or abs(m - band.target_macs) < abs(best_move[1] - band.target_macs)
-            ):
-                best_move = (trial, m)
+            min_keep = max(1, plan.min_head_dim if g.is_attention else step)
+            max_cut = g.channels * plan.max_layer_ratio
+            # over target -> remove steps; under target -> give steps back. One step first; when one step
+            # is far smaller than the error, also the number of steps that should cover it (one more probe)
+            if err > 0:
+                room = min(keep - min_keep, int(max_cut) - cut.dims) // step
+            else:
+                room = (g.channels - keep) // step
+            sign, steps = (-1 if err > 0 else 1), min(1, room)
+            while steps > 0:
+                trial = dict(current)
+                trial[g.index] = Cut(dims=g.channels - (keep + sign * steps * step), heads=cut.heads)
+                m = macs_of(trial)
+                probes += 1
+                if m <= band.upper and abs(m - band.target_macs) < abs(cur_macs - band.target_macs) and (
+                    best_move is None or abs(m - band.target_macs) < abs(best_move[1] - band.target_macs)
+                ):
+                    best_move = (trial, m)
+                if steps > 1:
+                    break
+                step_min = min(step_min, abs(m - cur_macs))
+                more = min(room, int(abs(err) / abs(m - cur_macs))) if m != cur_macs else 0
+                steps = more if more > 1 else 0
         if best_move is None:
             break
         current, cur_macs = best_move
