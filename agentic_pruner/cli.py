@@ -202,6 +202,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--calibration-batches", type=int, default=4)
     p.add_argument("--inline-epochs", type=int, default=2)
+    p.add_argument("--rungs", default="1", metavar="F1,F2,...,1",
+                   help="successive-halving rungs of inline fine-tuning, increasing fractions of --inline-epochs "
+                        "ending at 1 (e.g. 0.34,0.67,1); default 1 = every candidate gets the full budget")
+    p.add_argument("--rung-keep", type=float, default=0.5, help="fraction of the results at a rung that advance")
     p.add_argument("--extended-epochs", type=int, default=4)
     p.add_argument("--max-train-batches", type=int, help="cap batches per epoch (quick runs)")
     p.add_argument("--no-latency", action="store_true", help="skip ONNX export and latency measurement")
@@ -241,7 +245,8 @@ def _run_config(args):
         undershoot_pct=args.undershoot, strategist=args.strategist, llm_base_url=llm_url(args.llm_base_url),
         llm_model=args.llm_model, llm_fallback=not args.no_llm_fallback, max_revisions=args.max_revisions,
         extra_revisions=args.extra_revisions, importance=args.importance, round_to=args.round_to,
-        calibration_batches=args.calibration_batches, inline_epochs=args.inline_epochs,
+        calibration_batches=args.calibration_batches, inline_epochs=args.inline_epochs, rungs=args.rungs,
+        rung_keep=args.rung_keep,
         extended_epochs=args.extended_epochs, max_train_batches=args.max_train_batches, latency=not args.no_latency,
         latency_runs=args.latency_runs, store=args.store, run_id=args.run_id, seed=args.seed,
         candidates_per_revision=args.candidates_per_revision, **_engine_overrides(args),

@@ -25,6 +25,7 @@ _EXPORTS = {
     "run_search": "search", "SearchContext": "search", "SearchResult": "search", "Measured": "search",
     "Evaluated": "search", "Slot": "search", "propose_revision": "search", "prune_candidates": "search",
     "finetune_candidates": "search", "record_revision": "search", "finish_search": "search",
+    "RungSchedule": "search", "promoted": "search", "RungResult": "history", "move_effects": "master",
 }
 
 __all__ = sorted(_EXPORTS)

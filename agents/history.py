@@ -49,6 +49,17 @@ def truncate(text: str | None, limit: int = RAW_REPLY_LIMIT) -> str | None:
     return text if len(text) <= limit else text[: limit - 20] + f"... [{len(text) - limit + 20} chars cut]"
 
 
+class RungResult(BaseModel):
+    """One successive-halving rung of a candidate's inline fine-tuning."""
+
+    rung: int = Field(ge=0)
+    epochs: float = Field(description="cumulative inline epochs at the end of this rung")
+    accuracy: float | None = Field(None, description="validation accuracy (fraction) after this rung")
+    checkpoint_key: str | None = None
+    checkpoint_sha256: str | None = None
+    seconds: float | None = None
+
+
 class RevisionRecord(BaseModel):
     """Everything about one revision r: (s_r, M_r, A_r^zero, A_r^ft, eps_r) and how it came about."""
 
@@ -87,6 +98,8 @@ class RevisionRecord(BaseModel):
     accuracy_before: float | None = Field(None, description="zero-shot accuracy (fraction) right after pruning")
     accuracy_after: float | None = Field(None, description="accuracy (fraction) after inline fine-tuning")
     collapsed: bool = Field(False, description="accuracy fell more than the collapse threshold below baseline")
+    rungs: list[RungResult] = Field(default_factory=list, description="successive-halving rungs this candidate "
+                                    "was fine-tuned in (empty with one rung); accuracy_after = the last one's")
     checkpoint_key: str | None = None
     checkpoint_sha256: str | None = None
     timings: dict[str, float] = Field(default_factory=dict)
@@ -115,6 +128,17 @@ class RevisionRecord(BaseModel):
     def accuracy(self) -> float | None:
         """A_r: fine-tuned accuracy when available, else zero-shot."""
         return self.accuracy_after if self.accuracy_after is not None else self.accuracy_before
+
+    @property
+    def rung(self) -> int:
+        """Index of the last rung this candidate reached (0 without rungs)."""
+        return self.rungs[-1].rung if self.rungs else 0
+
+    def accuracy_at(self, rung: int) -> float | None:
+        """Validation accuracy after ``rung`` (the fine-tuned accuracy when the record has no rungs)."""
+        if not self.rungs:
+            return self.accuracy
+        return self.rungs[rung].accuracy if rung < len(self.rungs) else None
 
     @property
     def is_duplicate(self) -> bool:
@@ -234,7 +258,7 @@ def history_dataframe(records: Sequence[RevisionRecord]):
             solver_ratio=r.solver_ratio, predicted_macs=r.predicted_macs, achieved_macs=r.achieved_macs,
             params=r.params, error_pct=r.error_pct, in_band=r.in_band, accuracy_before=r.accuracy_before,
             accuracy_after=r.accuracy_after, accuracy=r.accuracy, collapsed=r.collapsed,
-            checkpoint_key=r.checkpoint_key, seconds=round(sum(v for k, v in r.timings.items() if "." not in k), 4),
+            checkpoint_key=r.checkpoint_key, rung=r.rung, seconds=round(sum(v for k, v in r.timings.items() if "." not in k), 4),
             device=r.device,
         )
         for k, v in sorted(r.kind_ratios.items()):

@@ -37,22 +37,47 @@ class MasterConfig(BaseModel):
 
 
 def rank_key(r: RevisionRecord) -> tuple:
-    """Sort key, best first: accuracy desc, then |MAC error| asc, then earlier revision."""
+    """Sort key, best first: the highest successive-halving rung reached (a candidate stopped early was
+    fine-tuned less, so its accuracy is not comparable), accuracy desc, |MAC error| asc, earlier revision."""
     acc = r.accuracy
     err = abs(r.error_pct) if r.error_pct is not None else float("inf")
-    return (0 if acc is not None else 1, -(acc if acc is not None else 0.0), err, r.revision)
+    return (0 if acc is not None else 1, -r.rung, -(acc if acc is not None else 0.0), err, r.revision)
 
 
 def select_best(history: Sequence[RevisionRecord]) -> RevisionRecord | None:
     """argmax accuracy over candidates C; without any, argmin |M - M_target| over H (Algorithm 2, 45-49)."""
     cands = [r for r in history if r.is_candidate]
-    if cands:
+    if cands:  # successive halving: only the candidates that reached the highest rung compete (equal fine-tuning)
+        top = max(r.rung for r in cands)
+        cands = [r for r in cands if r.rung == top]
         healthy = [r for r in cands if not r.collapsed] or cands
         return min(healthy, key=rank_key)
     measured = [r for r in history if r.error_pct is not None]
     if measured:
         return min(measured, key=lambda r: (abs(r.error_pct), r.revision))
     return None
+
+
+def move_effects(history: Sequence[RevisionRecord]) -> dict[str, float]:
+    """Which moves cost accuracy: heuristic move -> worst accuracy change of a record made with it vs. its parent
+    revision's best candidate (-inf when it collapsed or left the band), compared at the highest
+    successive-halving rung both reached (equal fine-tuning)."""
+    by_rev = {r.revision: r for r in per_revision(history)}
+    eff: dict[str, float] = {}
+    for r in history:
+        if not r.move or r.parent_revision is None or r.parent_revision not in by_rev:
+            continue
+        parent = by_rev[r.parent_revision]
+        if not r.is_candidate or (r.collapsed and not parent.collapsed):
+            d = float("-inf")
+        else:
+            k = min(r.rung, parent.rung)
+            a, b = r.accuracy_at(k), parent.accuracy_at(k)
+            if a is None or b is None:
+                continue
+            d = a - b
+        eff[r.move] = min(eff.get(r.move, d), d)
+    return eff
 
 
 def per_revision(history: Sequence[RevisionRecord]) -> list[RevisionRecord]:

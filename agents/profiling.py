@@ -6,6 +6,7 @@ model), so it is cheap: one MAC prediction per kind and per stage, no weights to
 from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
 from agents.limits import SafetyLimits
 from pruning.groups import Cut
@@ -45,6 +46,15 @@ class ProfileSummary(BaseModel):
     known_modules: list[str] = Field(default_factory=list, description="module names of the model (ignored_layers check)")
     ignored_layers: list[str] = Field(default_factory=list, description="modules never pruned (stem, classifier, user's)")
     safe_ranges: dict[str, list[float]] = Field(default_factory=dict)
+    sensitivity_by_stage: dict[str, float] = Field(
+        default_factory=dict, description="share of the first-order Taylor saliency |w * dL/dw| (calibration "
+        "gradients) in the stage's weights divided by its MAC share: > 1 = it costs more accuracy per MAC saved")
+    sensitivity_by_kind: dict[str, float] = Field(default_factory=dict, description="the same per group kind")
+
+    def sensitive(self, key: str) -> float | None:
+        """Sensitivity of a plan coordinate ``'stage:NAME'`` / ``'kind:NAME'`` (None when not profiled)."""
+        fam, name = key.split(":", 1)
+        return (self.sensitivity_by_stage if fam == "stage" else self.sensitivity_by_kind).get(name)
 
     @property
     def first_stage(self) -> str | None:
@@ -90,6 +100,12 @@ class ProfileSummary(BaseModel):
             )
         if self.mac_share_by_stage:
             lines.append("MAC sensitivity by stage: " + ", ".join(f"{k} {v:.1%}" for k, v in self.mac_share_by_stage.items()))
+        if self.sensitivity_by_stage or self.sensitivity_by_kind:
+            lines.append(
+                "Accuracy sensitivity (share of Taylor saliency |w*grad| / share of MACs; > 1 = pruning it costs "
+                "more accuracy per MAC saved, prune it less): "
+                + ", ".join(f"{k} {v:.2f}" for k, v in {**self.sensitivity_by_kind, **self.sensitivity_by_stage}.items())
+            )
         if self.attention_head_dims:
             lines.append(f"Attention head_dim: {min(self.attention_head_dims)} (head_dim must stay >= 8)")
         if self.min_reachable_macs is not None:
@@ -114,8 +130,10 @@ def build_profile(
     taylor_available: bool = False,
     layer_macs: dict[str, float] | None = None,
     safe_ranges: dict[str, list[float]] | None = None,
+    calibrated: nn.Module | None = None,
 ) -> ProfileSummary:
-    """Profile ``space`` (an unapplied space; nothing is pruned)."""
+    """Profile ``space`` (an unapplied space; nothing is pruned); with ``calibrated`` (the same model with
+    calibration gradients, as Taylor importance uses) also the per-stage / per-kind sensitivity."""
     groups = space.groups
     stages = sorted({g.stage for g in groups}, key=natural_key)
     kinds = [k for k in ("internal", "residual", "mlp", "qkv", "head", "proj") if any(g.kind == k for g in groups)]
@@ -158,6 +176,49 @@ def build_profile(
         ignored_layers=list(getattr(space, "ignored_names", [])),
         safe_ranges=safe_ranges or {},
     )
+    if calibrated is not None:
+        summary.sensitivity_by_stage, summary.sensitivity_by_kind = taylor_sensitivity(space, calibrated, by_stage,
+                                                                                        by_kind)
     if safe_ranges is None:  # the default validator limits for this dataset
         summary.safe_ranges = SafetyLimits.for_dataset(dataset).ranges(summary)
     return summary
+
+
+def taylor_sensitivity(space: PruningSpace, calibrated: nn.Module, mac_share_by_stage: dict[str, float],
+                       mac_share_by_kind: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per stage and per group kind: (share of the first-order Taylor saliency ``sum |w * grad|`` of the
+    weights whose output channels the groups prune) / (share of the MACs cutting them removes).
+
+    Cheap: the calibration gradients are already there for Taylor importance; no forward pass. Torch-Pruning's
+    group scores are normalised per group, so they cannot compare groups; this raw saliency can.
+    """
+    modules = dict(calibrated.named_modules())
+    mass: dict[str, float] = {}
+    for g in space.groups:
+        for name, is_out, _ in g.members:
+            w = getattr(modules.get(name), "weight", None)
+            if is_out and name not in mass and isinstance(w, nn.Parameter) and w.grad is not None:
+                mass[name] = float((w.detach() * w.grad.detach()).abs().sum())
+
+    def ratio(key, shares: dict[str, float]) -> dict[str, float]:
+        sal: dict[str, float] = {}
+        for g in space.groups:
+            for name, is_out, _ in g.members:
+                if is_out and name in mass:
+                    sal[key(g)] = sal.get(key(g), 0.0) + mass[name] / max(1, _owners(name))
+        total_sal, total_mac = sum(sal.values()), sum(shares.get(k, 0.0) for k in sal)
+        if total_sal <= 0 or total_mac <= 0:
+            return {}
+        return {k: round((sal[k] / total_sal) / (shares[k] / total_mac), 3) for k in shares
+                if k in sal and shares[k] > 0}
+
+    owners: dict[str, int] = {}
+    for g in space.groups:
+        for name, is_out, _ in g.members:
+            if is_out:
+                owners[name] = owners.get(name, 0) + 1
+
+    def _owners(name: str) -> int:
+        return owners.get(name, 1)
+
+    return ratio(lambda g: g.stage, mac_share_by_stage), ratio(lambda g: g.kind, mac_share_by_kind)

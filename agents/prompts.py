@@ -5,6 +5,7 @@ import json
 from typing import Sequence
 
 from agents.history import RevisionRecord
+from agents.master import move_effects
 from agents.profiling import ProfileSummary
 from agents.schemas import MasterGuidance
 from pruning.plan import PruningPlan
@@ -110,6 +111,8 @@ def history_table(history: Sequence[RevisionRecord], max_rows: int = 40) -> str:
     for r in list(history)[-max_rows:]:
         p = r.plan
         note = r.error or ("COLLAPSE" if r.collapsed else "")
+        if r.rungs:
+            note = (note + f" fine-tuned {r.rungs[-1].epochs:g} epoch(s) (rung {r.rung})").strip()
         if r.verdict != "accepted" and r.verdict_reasons:
             note = (note + " " + r.verdict_reasons[0])[:120]
         rows.append(" | ".join([
@@ -122,6 +125,19 @@ def history_table(history: Sequence[RevisionRecord], max_rows: int = 40) -> str:
     if len(history) > max_rows:
         rows.insert(1, f"... {len(history) - max_rows} earlier revisions omitted ...")
     return "\n".join(rows)
+
+
+def move_effects_text(history: Sequence[RevisionRecord]) -> str:
+    """One line per move tried so far, worst first: ``kind:residual+ (prune residual MORE): -2.30 points``."""
+    eff = move_effects(history)
+    lines = []
+    for move, d in sorted(eff.items(), key=lambda kv: (kv[1], kv[0])):
+        what = ""
+        if move[-1:] in "+-" and move.startswith(("stage:", "kind:")):
+            what = f" (prune {move[:-1].split(':', 1)[1]} {'MORE' if move[-1] == '+' else 'LESS'})"
+        cost = "collapsed or left the band" if d == float("-inf") else f"{100 * d:+.2f} points"
+        lines.append(f"- {move}{what}: {cost}")
+    return "\n".join(lines)
 
 
 def guidance_text(g: MasterGuidance) -> str:
@@ -151,6 +167,10 @@ def user_prompt(profile: ProfileSummary, band: MacBand, history: Sequence[Revisi
         "PRUNING HISTORY (every plan below was executed; do not repeat one):\n" + history_table(history, max_rows),
         "MASTER AGENT GUIDANCE:\n" + guidance_text(guidance),
     ]
+    effects = move_effects_text(history)
+    if effects:
+        parts.insert(4, "WHICH MOVES COST ACCURACY (change vs the parent revision at equal fine-tuning; avoid the "
+                     "harmful ones, consider their opposites):\n" + effects)
     if pending:
         parts.append(f"ALREADY PROPOSED FOR REVISION {revision} (evaluated in parallel; propose a clearly different "
                      "allocation shape):\n" + "\n".join(

@@ -8,6 +8,12 @@ wrap each as a task and persist every record (``on_record``)::
     finetune_and_evaluate(measured) -> Evaluated   # only for in-band results (inline fine-tuning)
     finetune_batch([measured, ...]) -> [Evaluated] # optional: the K candidates of a revision at once
 
+Multi-fidelity selection (``SearchContext.rungs``, a :class:`RungSchedule`): the in-band candidates are
+fine-tuned in successive-halving rungs, a short budget for all, more for the best fraction (ranked against
+every result at that rung in the run, so the revisions of a run compete too), the full inline budget for
+the few that remain; each call of ``finetune_batch`` is one rung (``Measured.rung``), a survivor continuing
+from its previous rung's weights, and every rung is recorded (``RevisionRecord.rungs``).
+
 Resuming: pass the persisted records as ``resume_history``; the loop continues at the next revision
 and never redoes a finished one. Given the same history, seed and a deterministic strategist, the
 continuation is identical to an uninterrupted run.
@@ -17,7 +23,8 @@ One revision, step by step (what ``run_search`` does, for an orchestrator that d
     step = propose_revision(r, history, context, strategist, validator, master)   # Master + Analysis + Safety
     if step.stop_reason: ...                                                         # the search ends here
     to_finetune = prune_candidates(step, history, context, validator, prune_and_measure)
-    evaluated, seconds = finetune_candidates(to_finetune, finetune_batch)
+    evaluated, seconds = finetune_candidates(to_finetune, finetune_batch,          # one batch per rung
+                                             rungs=context.rungs, history=history)
     records = record_revision(step, evaluated, seconds, master, context)            # append, persist
     ...
     result = finish_search(history, master, context, resumed=..., guidance=..., stop_reason=...)
@@ -25,12 +32,20 @@ One revision, step by step (what ``run_search`` does, for an orchestrator that d
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agents.history import DUPLICATE_PREFIX, RevisionRecord, check_history, history_dataframe, plan_signature
+from agents.history import (
+    DUPLICATE_PREFIX,
+    RevisionRecord,
+    RungResult,
+    check_history,
+    history_dataframe,
+    plan_signature,
+)
 from agents.llm_client import LLMUnavailable
 from agents.master import MasterAgent
 from agents.profiling import ProfileSummary
@@ -40,7 +55,8 @@ from agents.strategists import HeuristicStrategist, Proposal, StrategiesExhauste
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
 
-__all__ = ["Measured", "Evaluated", "Slot", "SearchContext", "SearchResult", "Candidate", "RevisionStep",
+__all__ = ["Measured", "Evaluated", "Slot", "SearchContext", "SearchResult", "Candidate", "RevisionStep", "RungSchedule",
+           "promoted",
            "run_search", "next_revision", "fallback_heuristic", "propose_revision", "prune_candidates",
            "finetune_candidates", "record_revision", "finish_search"]
 
@@ -70,6 +86,8 @@ class Measured(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     revision: int | None = Field(None, description="set by run_search before fine-tuning")
     candidate: int = Field(0, description="candidate index within the revision, set by run_search")
+    rung: int = Field(0, ge=0, description="successive-halving rung to fine-tune (0 = from the pruned weights; "
+                      "k > 0 continues from rung k-1's weights in checkpoint_key / model)")
     model: Any = Field(None, exclude=True, description="the pruned nn.Module (never serialised)")
 
 
@@ -82,6 +100,56 @@ class Evaluated(BaseModel):
     checkpoint_sha256: str | None = None
     notes: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
+    rung: int = Field(0, ge=0, description="the rung this result is for")
+    epochs: float | None = Field(None, description="cumulative inline fine-tuning epochs behind this result")
+    rungs: list[RungResult] = Field(default_factory=list, description="every rung behind this result (filled by "
+                                    "finetune_candidates)")
+
+
+class RungSchedule(BaseModel):
+    """Successive halving of inline fine-tuning: cumulative epochs per rung and the fraction that advances.
+
+    Rung 0 fine-tunes every in-band candidate for ``epochs[0]``; after each rung the candidates whose
+    validation accuracy ranks in the top ``keep`` fraction of every result at that rung so far (this
+    revision's and the earlier revisions', as in asynchronous successive halving) continue from their
+    weights up to the next rung's epochs. One rung = every candidate gets the full inline budget.
+    """
+
+    epochs: list[float] = Field(default_factory=lambda: [1.0], min_length=1,
+                                description="cumulative inline epochs at the end of each rung, increasing")
+    keep: float = Field(0.5, gt=0, le=1, description="fraction of results at a rung that advance to the next")
+
+    @classmethod
+    def from_fractions(cls, fractions: Sequence[float], inline_epochs: int, keep: float = 0.5) -> "RungSchedule":
+        """Rungs as fractions of ``inline_epochs`` (whole epochs, at least 1 each); ``[1.0]`` = one rung."""
+        if inline_epochs <= 0:
+            return cls(epochs=[0.0], keep=keep)
+        epochs = [float(max(1, round(f * inline_epochs))) for f in fractions]
+        if any(b <= a for a, b in zip(epochs, epochs[1:])):
+            raise ValueError(f"rungs {list(fractions)} of {inline_epochs} inline epoch(s) give epochs {epochs}, "
+                             "which do not increase: use fewer rungs or more inline epochs")
+        return cls(epochs=epochs, keep=keep)
+
+    @property
+    def n(self) -> int:
+        return len(self.epochs)
+
+    def start(self, rung: int) -> float:
+        """Epochs already done when ``rung`` starts."""
+        return self.epochs[rung - 1] if rung > 0 else 0.0
+
+
+def promoted(scores: dict[int, float | None], rung: int, history: Sequence[RevisionRecord], keep: float) -> list[int]:
+    """The candidates (keys of ``scores``: their accuracy at ``rung``) that advance to the next rung: those at or
+    above the ``ceil(keep * n)``-th best of the n results at this rung (earlier records' ones included)."""
+    pool = [r.rungs[rung].accuracy for r in history if len(r.rungs) > rung and r.rungs[rung].accuracy is not None]
+    mine = [s for s in scores.values() if s is not None]
+    if not mine:  # nothing to rank them by (no evaluator): everyone advances
+        return sorted(scores)
+    pool += mine
+    n_keep = max(1, math.ceil(keep * len(pool)))
+    threshold = sorted(pool, reverse=True)[n_keep - 1]
+    return sorted(c for c, s in scores.items() if s is not None and s >= threshold)
 
 
 class Slot(BaseModel):
@@ -107,6 +175,8 @@ class SearchContext(BaseModel):
     seed: int = 0
     candidates_per_revision: int = Field(1, ge=1, le=64, description="K shapes proposed and evaluated per revision")
     check_strategist: bool = Field(True, description="call strategist.check() before the first revision")
+    rungs: RungSchedule | None = Field(None, description="successive-halving rungs of inline fine-tuning "
+                                       "(None = one rung: every in-band candidate gets the full budget)")
 
 
 class SearchResult(BaseModel):
@@ -164,7 +234,8 @@ def run_search(
         if step.candidates:  # none: an interrupted revision whose remaining candidates cannot be proposed any more
             to_finetune = prune_candidates(step, history, context, validator, prune_and_measure,
                                            finetune=finetune_batch is not None)
-            evaluated, batch_seconds = finetune_candidates(to_finetune, finetune_batch)
+            evaluated, batch_seconds = finetune_candidates(to_finetune, finetune_batch, rungs=context.rungs,
+                                                           history=history)
             for record in record_revision(step, evaluated, batch_seconds, master, context):
                 history.append(record)
                 log.info("revision %d.%d: %s %s MACs err %s%% acc %s", r, record.candidate, record.status,
@@ -290,18 +361,46 @@ def prune_candidates(step: RevisionStep, history: Sequence[RevisionRecord], cont
     return to_finetune
 
 
-def finetune_candidates(to_finetune: list[Measured],
-                        finetune_batch: FinetuneBatch | None) -> tuple[dict[int, Evaluated], float]:
-    """Inline fine-tuning of a revision's in-band candidates in one batch (in parallel when the orchestrator
-    can): ``(candidate index -> Evaluated, wall seconds of the batch)``."""
+def finetune_candidates(to_finetune: list[Measured], finetune_batch: FinetuneBatch | None, *,
+                        rungs: RungSchedule | None = None, history: Sequence[RevisionRecord] = (),
+                        ) -> tuple[dict[int, Evaluated], float]:
+    """Inline fine-tuning of a revision's in-band candidates, one batch per rung (in parallel when the
+    orchestrator can): ``(candidate index -> its last rung's Evaluated, wall seconds of all batches)``.
+
+    With several ``rungs`` (successive halving) each batch gets the :class:`Measured` with ``rung`` set; a
+    survivor's ``checkpoint_key`` / ``model`` point at its previous rung's weights, and :func:`promoted`
+    (on ``history`` and this revision's scores, so a resumed revision advances the same candidates) decides
+    who continues. Each result lists the rungs behind it in ``Evaluated.rungs`` (empty without ``rungs``).
+    """
     if not to_finetune or finetune_batch is None:
         return {}, 0.0
+    schedule = rungs or RungSchedule()
     t = time.perf_counter()
-    results = finetune_batch(to_finetune)
-    batch_seconds = time.perf_counter() - t
-    if len(results) != len(to_finetune):
-        raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(to_finetune)} candidates")
-    return {m.candidate: e for m, e in zip(to_finetune, results)}, batch_seconds
+    out: dict[int, Evaluated] = {}
+    active = list(to_finetune)
+    for k in range(schedule.n):
+        items = [m.model_copy(update={"rung": k}) for m in active]
+        results = finetune_batch(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"finetune_batch returned {len(results)} results for {len(items)} candidates")
+        for m, e in zip(items, results):
+            prior = out.get(m.candidate)
+            done = RungResult(rung=k, epochs=schedule.epochs[k], accuracy=e.accuracy_after,
+                              checkpoint_key=e.checkpoint_key, checkpoint_sha256=e.checkpoint_sha256,
+                              seconds=round(sum(e.timings.values()), 4))
+            out[m.candidate] = e.model_copy(update={
+                "rung": k, "epochs": schedule.epochs[k] if rungs is not None else e.epochs,
+                "rungs": (prior.rungs if prior is not None else []) + [done] if rungs is not None else []})
+        if k == schedule.n - 1:
+            break
+        up = set(promoted({m.candidate: out[m.candidate].accuracy_after for m in items}, k, history, schedule.keep))
+        active = [m.model_copy(update={"checkpoint_key": out[m.candidate].checkpoint_key or m.checkpoint_key,
+                                       "checkpoint_sha256": (out[m.candidate].checkpoint_sha256
+                                                             if out[m.candidate].checkpoint_key else m.checkpoint_sha256)})
+                  for m in items if m.candidate in up]
+        if not active:
+            break
+    return out, time.perf_counter() - t
 
 
 def record_revision(step: RevisionStep, evaluated: dict[int, Evaluated], batch_seconds: float,
@@ -412,13 +511,16 @@ def _record(cand: Candidate, evaluated: Evaluated | None, batch_seconds: float, 
         predicted_macs=measured.predicted_macs, achieved_macs=measured.achieved_macs, params=measured.params,
         error_pct=measured.error_pct, in_band=measured.in_band, kind_ratios=measured.kind_ratios,
         accuracy_before=acc_before, accuracy_after=evaluated.accuracy_after if evaluated else None,
+        rungs=list(evaluated.rungs) if evaluated else [],
         checkpoint_key=(evaluated.checkpoint_key if evaluated and evaluated.checkpoint_key else measured.checkpoint_key),
         checkpoint_sha256=(evaluated.checkpoint_sha256 if evaluated and evaluated.checkpoint_key
                            else measured.checkpoint_sha256),
         timings={**timings, **{f"prune.{k}": v for k, v in measured.timings.items()},
                  **({f"finetune.{k}": v for k, v in evaluated.timings.items()} if evaluated else {})},
     )
-    record.collapsed = master.is_collapsed(record.accuracy, context.baseline_accuracy)
+    stopped_early = bool(record.rungs) and context.rungs is not None and record.rung < context.rungs.n - 1
+    # a candidate stopped at an early rung was fine-tuned less: its accuracy says little about collapse
+    record.collapsed = not stopped_early and master.is_collapsed(record.accuracy, context.baseline_accuracy)
     return record
 
 

@@ -175,21 +175,22 @@ def tp_prune(calibrated: nn.Module, example: torch.Tensor, method: str, ratio: f
 
 
 def bisect_ratio(calibrated: nn.Module, example: torch.Tensor, method: str, target: float, seed: int,
-                 tol_pct: float, max_probes: int) -> dict:
+                 tol_pct: float, max_probes: int, prune: Callable = None) -> dict:
     """Bisection on MetaPruner's single ratio (every probe re-prunes and re-counts); the closest probe wins.
 
     MACs(ratio) is a step function (``round_to`` channels) and not always monotone (Torch-Pruning skips a
     group whose rounding would remove every channel), so the bisection keeps the closest probe and, when no
     probe lands within ``tol_pct``, keeps bisecting between neighbouring probes that straddle the target
-    (at most ``max_probes`` more).
+    (at most ``max_probes`` more). ``prune`` (default :func:`tp_prune`) does one prune at a ratio.
     """
+    prune = prune or tp_prune
     t0 = time.perf_counter()
     probes: list[tuple[float, float]] = []
     best: tuple[float, float, nn.Module] | None = None
 
     def probe(r: float) -> float:
         nonlocal best
-        m = tp_prune(calibrated, example, method, r, seed)
+        m = prune(calibrated, example, method, r, seed)
         macs, _ = count_macs_params(m, example)
         probes.append((r, macs))
         if best is None or abs(macs - target) < abs(best[1] - target):
@@ -468,18 +469,18 @@ def verdicts(summary: pd.DataFrame, meta: dict) -> list[str]:
             b = on.loc[on.test_acc_mean.idxmax()]
             diff = 100 * (a.test_acc_mean - b.test_acc_mean)
             spread = 100 * max(a.test_acc_std or 0.0, b.test_acc_std or 0.0)
-            if diff >= 0 and diff > spread:
-                verdict = "better, beyond the seed spread"
-            elif diff >= 0:
-                verdict = "at least as accurate, within the seed spread"
-            elif -diff <= spread:
-                verdict = "slightly below, within the seed spread"
-            else:
-                verdict = "worse, beyond the seed spread"
+            verdict = verdict_of(diff, spread, "the seed spread")
             out.append(f"- {red:g} %: {name} {100 * a.test_acc_mean:.2f} ± {100 * a.test_acc_std:.2f} % vs best "
                        f"on-target baseline ({b.method}) {100 * b.test_acc_mean:.2f} ± {100 * b.test_acc_std:.2f} %: "
                        f"{diff:+.2f} points — {verdict}.{extra}")
     return out
+
+
+def verdict_of(diff: float, spread: float, what: str = "the spread") -> str:
+    """Words for a difference in points against its spread (both >= 0 spreads)."""
+    if diff >= 0:
+        return f"better, beyond {what}" if diff > spread else f"at least as accurate, within {what}"
+    return f"slightly below, within {what}" if -diff <= spread else f"worse, beyond {what}"
 
 
 def write_readme(table: str) -> None:

@@ -64,13 +64,16 @@ def _pct(x: float | None, digits: int = 2) -> float | None:
     return None if x is None else round(100 * x, digits)
 
 
-def _row(r: RevisionRecord) -> dict:
-    """One revisions-table row, rounded and with units (accuracies are on the validation split, in %)."""
+def _row(r: RevisionRecord, rungs: bool = False) -> dict:
+    """One revisions-table row, rounded and with units (accuracies are on the validation split, in %); with
+    ``rungs``, each successive-halving rung the candidate reached."""
     return {"revision": r.revision, "candidate": r.candidate, "strategist": r.strategist_used,
             "safety verdict": r.verdict, "status": r.status,
             "MACs (G)": None if r.achieved_macs is None else round(r.achieved_macs / 1e9, 4),
             "MAC error (%)": None if r.error_pct is None else round(r.error_pct, 2), "in band": r.in_band,
             "val acc zero-shot (%)": _pct(r.accuracy_before), "val acc after inline FT (%)": _pct(r.accuracy_after),
+            **({"rungs (epochs: val acc %)": ", ".join(f"{g.epochs:g}: {_pct(g.accuracy)}" for g in r.rungs)}
+               if rungs else {}),
             "fallback": r.fallback_reason or ""}
 
 
@@ -130,7 +133,7 @@ def _prune_run(config: RunConfig, lease: RunLease) -> RunSummary:
             band=ctx.band(), profile=profile, base_plan=PruningPlan(importance=config.importance,
                                                                     round_to=config.round_to),
             baseline_accuracy=baseline.val_accuracy, seed=config.seed,
-            candidates_per_revision=config.candidates_per_revision), history, lease)
+            candidates_per_revision=config.candidates_per_revision, rungs=config.rung_schedule()), history, lease)
         log.info("search stopped: %s; best revision %s candidate %s", result.stop_reason, result.best_revision,
                  result.best_candidate)
         final = latency_md = None
@@ -161,7 +164,9 @@ def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
     progress = Progress(scope, done(), config.max_revisions, "revision")
     resumed, guidance, stop = len(history), None, None
     where = config.finetune_deployment and f"deployment {config.finetune_deployment}" or config.task_runner
-    log.info("%d candidate(s) per revision, fine-tuned on %s", k, where)
+    log.info("%d candidate(s) per revision, fine-tuned on %s%s", k, where,
+             f"; successive-halving rungs at {context.rungs.epochs} epoch(s), keep {context.rungs.keep:g}"
+             if context.rungs else "")
     gpus = False if config.device == "cpu" else None  # a CPU run never reserves a cluster's GPUs
     with candidate_runner("local" if config.finetune_deployment else config.task_runner, workers=k,
                           gpus=gpus) as runner:
@@ -175,7 +180,8 @@ def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
                 continue
             to_finetune = prune_candidates(step, history, context, validator, lambda plan, slot: run_tasks.prune(
                 config, run_id, plan, slot.revision, validator, slot.candidate))
-            evaluated, seconds = finetune_candidates(to_finetune, lambda items: _finetune(config, run_id, runner, items))
+            evaluated, seconds = finetune_candidates(to_finetune, lambda items: _finetune(config, run_id, runner, items),
+                                                     rungs=context.rungs, history=history)
             for record in record_revision(step, evaluated, seconds, master, context):
                 lease.check()  # a process that stalled past its lease must not write over the new holder
                 run_tasks.persist_record(config, run_id, record)
@@ -184,7 +190,7 @@ def _search(config: RunConfig, run_id: str, scope: str, context: SearchContext,
             progress.update(done(), f"{sum(h.in_band for h in history)} in-band candidate(s) so far")
     result = finish_search(history, master, context, resumed=resumed, guidance=guidance, stop_reason=stop)
     progress.finish(f"search done after {done()} revision(s): {result.stop_reason}")
-    publish_table(scope, "revisions", [_row(r) for r in result.history],
+    publish_table(scope, "revisions", [_row(r, context.rungs is not None) for r in result.history],
                   f"revisions of {run_id} (accuracies on the validation split)")
     return result
 
@@ -260,7 +266,8 @@ def _write_summary(config, ctx, scope, result, baseline, final, latency_md) -> R
             f"- fine-tuned on {final.device_name or final.device}"
             + (f" ({final.amp_dtype} autocast)" if final.amp_dtype else ""),
         ]
-    lines += ["", "## Revisions (accuracies on the validation split)", "", markdown_table([_row(r) for r in history])]
+    rows = [_row(r, config.rung_schedule() is not None) for r in history]
+    lines += ["", "## Revisions (accuracies on the validation split)", "", markdown_table(rows)]
     if latency_md:
         lines += ["", "## Latency (original vs pruned)", "", latency_md]
     lines += ["", f"Plots (also shown as image artifacts of this run): {plot_url}, {acc_url}"]

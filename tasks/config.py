@@ -7,9 +7,10 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agents.llm_pruning import LLMPruneConfig
+from agents.search import RungSchedule
 from pruning.artifacts import runs
 from pruning.errors import UserError
 from pruning.llm.session import DataConfig
@@ -60,6 +61,12 @@ class RunConfig(BaseModel):
     calibration_batches: int = Field(4, ge=1, description="batches for Taylor importance (paper: 100 x 64)")
     # -- fine-tuning ----------------------------------------------------------------------------
     inline_epochs: int = Field(2, ge=0, description="inline fine-tuning epochs per in-band candidate (paper: 5)")
+    rungs: list[float] = Field([1.0], min_length=1, max_length=8, description="successive-halving rungs of inline "
+                               "fine-tuning as increasing fractions of inline_epochs ending at 1 (e.g. 0.34,0.67,1: "
+                               "every in-band candidate gets a third, the best part two thirds, the rest the full "
+                               "budget); [1] = every candidate gets the full budget")
+    rung_keep: float = Field(0.5, gt=0, le=1, description="fraction of the results at a rung (this revision's and the "
+                             "earlier ones') whose candidates advance to the next rung")
     inline_lr: float | None = Field(None, gt=0, description="None = paper LR for user models, 0.02 for the digits default")
     max_train_batches: int | None = Field(None, ge=1, description="cap batches per epoch (quick runs)")
     extended_epochs: int = Field(4, ge=0, description="extended fine-tuning epochs of the winner with KD + EMA (0 = skip)")
@@ -103,6 +110,34 @@ class RunConfig(BaseModel):
     def _device(cls, v) -> str:
         return _device_spec(v)
 
+    @field_validator("rungs", mode="before")
+    @classmethod
+    def _rungs_list(cls, v):
+        if isinstance(v, str):  # '0.34,0.67,1' from the CLI or a deployment parameter
+            try:
+                return [float(x) for x in v.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"rungs must be comma-separated fractions, got '{v}'") from None
+        return v
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, v: list[float]) -> list[float]:
+        if any(not 0 < f <= 1 for f in v) or any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 1:
+            raise ValueError(f"rungs must be increasing fractions in (0, 1] ending at 1, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _rung_epochs(self) -> "RunConfig":
+        self.rung_schedule()  # rungs that collapse to equal whole epochs fail when the config is made
+        return self
+
+    def rung_schedule(self) -> RungSchedule | None:
+        """The successive-halving schedule in epochs; None with one rung (every candidate gets the full budget)."""
+        if len(self.rungs) == 1 or self.inline_epochs == 0:
+            return None
+        return RungSchedule.from_fractions(self.rungs, self.inline_epochs, self.rung_keep)
+
     @field_validator("task_runner")
     @classmethod
     def _runner(cls, v: str) -> str:
@@ -130,6 +165,9 @@ class RunConfig(BaseModel):
                                        "task_runner", "finetune_deployment", "device"})
         if out["candidates_per_revision"] == 1:  # the default keeps the run ids of earlier versions
             out.pop("candidates_per_revision")
+        if out["rungs"] == [1.0]:  # one rung (the default): rung_keep changes nothing, run ids unchanged
+            out.pop("rungs")
+            out.pop("rung_keep")
         for name in ("checkpoint_sha256", "data_fingerprint"):  # None (no checkpoint, digits) keeps them too
             if out[name] is None:
                 out.pop(name)

@@ -15,7 +15,7 @@ from torch import nn
 
 from agents.profiling import ProfileSummary, build_profile
 from agents.safety import SafetyValidator
-from agents.search import Evaluated, Measured, Slot
+from agents.search import Evaluated, Measured, RungSchedule, Slot
 from pruning.device import on_device
 from pruning.plan import PruningPlan
 from pruning.solver import MacBand
@@ -23,7 +23,7 @@ from tasks.contexts import SpaceCache
 from tasks.prune_step import prune_candidate
 
 Evaluator = Callable[[nn.Module], float]  # accuracy as a fraction in [0, 1]
-Finetuner = Callable[[nn.Module], nn.Module]
+Finetuner = Callable[..., nn.Module]  # finetune(model) or, with rungs, finetune(model, epochs of this rung)
 Checkpointer = Callable[[nn.Module, Measured], tuple[str, str]]  # -> (key, sha256)
 
 
@@ -43,6 +43,7 @@ class MemorySteps:
         checkpoint: Checkpointer | None = None,
         seed: int = 0,
         evaluate_zero_shot: bool = True,
+        rungs: RungSchedule | None = None,
     ):
         self.model = model
         self.example = example
@@ -55,6 +56,7 @@ class MemorySteps:
         self.seed = seed
         self.spaces = SpaceCache()  # one analysed space per criterion, forked by every candidate
         self.evaluate_zero_shot = evaluate_zero_shot
+        self.rungs = rungs  # successive halving: rung k fine-tunes measured.model further (in place)
         self._baseline: float | None = None
         self._base_params: int | None = None
         #: None when there is nothing to do after pruning (then zero-shot accuracy is A_r)
@@ -62,14 +64,17 @@ class MemorySteps:
 
     # -- profile / baseline ----------------------------------------------------------------------
     def profile(self, *, model_name: str | None = None, dataset: str | None = None,
-                num_classes: int | None = None, plan: PruningPlan | None = None) -> ProfileSummary:
-        """Profiling Agent on the original model (an l2 space: no gradients needed)."""
+                num_classes: int | None = None, plan: PruningPlan | None = None,
+                sensitivity: bool = True) -> ProfileSummary:
+        """Profiling Agent on the original model (an l2 space: no gradients needed); with a calibrated copy
+        (and ``sensitivity``) also the Taylor sensitivity per stage and kind."""
         plan = plan or PruningPlan(importance="l2")
         space = self.spaces.get(self.model, self.example, plan.model_copy(update={"importance": "l2"}), self.seed)
         if self._base_params is None:
             self._base_params = sum(p.numel() for p in self.model.parameters())
         prof = build_profile(space, model_name=model_name, dataset=dataset, num_classes=num_classes,
-                             base_params=self._base_params, taylor_available=self.calibrated_model is not None)
+                             base_params=self._base_params, taylor_available=self.calibrated_model is not None,
+                             calibrated=self.calibrated_model if sensitivity else None)
         prof.safe_ranges = self.validator.limits.ranges(prof)
         return prof
 
@@ -105,7 +110,12 @@ class MemorySteps:
         timings: dict[str, float] = {}
         if self.finetune is not None:
             t = time.perf_counter()
-            model = self.finetune(model)
+            if self.rungs is None:
+                model = self.finetune(model)
+            else:
+                k = measured.rung
+                model = self.finetune(model, self.rungs.epochs[k] - self.rungs.start(k))
+                measured.model = model  # the next rung continues from these weights
             timings["finetune"] = time.perf_counter() - t
         acc = None
         if self.evaluator is not None and self.finetune is not None:

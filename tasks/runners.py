@@ -239,7 +239,7 @@ def finetune_on_deployment(deployment: str, config, run_id: str, items: list, po
                     continue
                 m = items[i]
                 if state.is_completed():
-                    evaluated = steps.read_evaluated(ctx, m.revision, m.candidate, m.checkpoint_sha256)
+                    evaluated = steps.read_evaluated(ctx, m.revision, m.candidate, m.checkpoint_sha256, m.rung)
                     if evaluated is None:
                         raise RuntimeError(f"deployment run {fr.name} completed but candidate r{m.revision}c"
                                            f"{m.candidate} left no result in {ctx.store.describe()}")

@@ -240,9 +240,10 @@ def profile_run(ctx: RunContext) -> ProfileSummary:
     space = spaces_for(ctx).get(model, example, PruningPlan())
     prof = profile_model(model, example, name=ctx.baseline().model_spec["name"], space=space)
     ctx.store.put_json(ctx.key("profile.json"), prof.model_dump(mode="json"))
+    calibrated = _calibrated_copy(ctx, PruningPlan(importance="taylor")) if ctx.config.importance == "taylor" else None
     summary = build_profile(space, model_name=prof.model, dataset=ctx.config.data,
-                                    num_classes=ctx.baseline().num_classes, input_size=ctx.baseline().input_size,
-                                    taylor_available=True)
+                            num_classes=ctx.baseline().num_classes, input_size=ctx.baseline().input_size,
+                            taylor_available=True, calibrated=calibrated)
     ctx.store.put_json(key, summary.model_dump(mode="json"))
     return summary
 
@@ -285,7 +286,7 @@ def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator:
         done = Measured(**stored["measured"])
         if stored.get("plan_digest") == digest and (done.checkpoint_key is None
                                                    or ctx.store.exists(done.checkpoint_key)
-                                                   or ctx.store.exists(_evaluated_key(ctx, revision, candidate))):
+                                                   or _finetuned(ctx, revision, candidate)):
             return done
     measured = _prune(ctx, plan, revision, validator, candidate)
     measured.revision, measured.candidate = revision, candidate
@@ -293,8 +294,23 @@ def prune_revision(ctx: RunContext, plan: PruningPlan, revision: int, validator:
     return measured
 
 
-def _evaluated_key(ctx: RunContext, revision: int, candidate: int) -> str:
-    return ctx.key(runs.slot_name(revision, candidate, ".evaluated.json"))
+def _evaluated_key(ctx: RunContext, revision: int, candidate: int, rung: int | None = None) -> str:
+    """Where a candidate's fine-tuning result is stored: the last rung (or the only one) at ``.evaluated.json``,
+    an earlier successive-halving rung k at ``.rung{k}.evaluated.json``."""
+    return ctx.key(runs.slot_name(revision, candidate, _rung_suffix(ctx, rung) + ".evaluated.json"))
+
+
+def _rung_suffix(ctx: RunContext, rung: int | None) -> str:
+    schedule = ctx.config.rung_schedule()
+    if rung is None or schedule is None or rung >= schedule.n - 1:
+        return ""
+    return f".rung{rung}"
+
+
+def _finetuned(ctx: RunContext, revision: int, candidate: int) -> bool:
+    """Whether any rung of the candidate's fine-tuning finished (its pruned bundle may be gone)."""
+    return ctx.store.exists(_evaluated_key(ctx, revision, candidate)) or (
+        ctx.config.rung_schedule() is not None and ctx.store.exists(_evaluated_key(ctx, revision, candidate, 0)))
 
 
 def _prune(ctx: RunContext, plan: PruningPlan, revision: int, validator: SafetyValidator | None,
@@ -333,10 +349,10 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()} (parent {os.getppid()})"
 
 
-def read_evaluated(ctx: RunContext, revision: int, candidate: int = 0, source_sha256: str | None = None
-                   ) -> Evaluated | None:
-    """The stored fine-tuning result of a candidate (None when absent or made from another pruned bundle)."""
-    key = _evaluated_key(ctx, revision, candidate)
+def read_evaluated(ctx: RunContext, revision: int, candidate: int = 0, source_sha256: str | None = None,
+                   rung: int | None = None) -> Evaluated | None:
+    """The stored fine-tuning result of a candidate (None when absent or made from another source bundle)."""
+    key = _evaluated_key(ctx, revision, candidate, rung)
     if not ctx.store.exists(key):
         return None
     stored = ctx.store.get_json(key)
@@ -349,38 +365,49 @@ def read_evaluated(ctx: RunContext, revision: int, candidate: int = 0, source_sh
 def finetune_revision(ctx: RunContext, measured: Measured, revision: int, candidate: int = 0) -> Evaluated:
     """Inline fine-tuning (paper Table 7) of an in-band candidate; evaluate on the validation split.
 
-    Idempotent: when this candidate's fine-tuned bundle and result are already in the store (a
-    finished candidate of a preempted run, or a retried task whose worker died after finishing),
-    the stored result is returned without training again. Workers on other machines call this with
-    only the store URL and keys: the pruned bundle is read from, the result written to, the store.
+    With successive-halving rungs (``RunConfig.rungs``) this is one rung, ``measured.rung``: rung 0 starts
+    from the pruned bundle, rung k > 0 continues from rung k-1's bundle (``measured.checkpoint_key``) for the
+    epochs between the two rungs. Idempotent: when this rung's fine-tuned bundle and result are already in
+    the store (a finished candidate of a preempted run, or a retried task whose worker died after
+    finishing), the stored result is returned without training again. Workers on other machines call this
+    with only the store URL and keys: the source bundle is read from, the result written to, the store.
     """
-    done = read_evaluated(ctx, revision, candidate, measured.checkpoint_sha256)
+    rung = measured.rung
+    done = read_evaluated(ctx, revision, candidate, measured.checkpoint_sha256, rung)
     if done is not None:
         return done
     t = time.perf_counter()
     model, bundle = load_bundle(ctx, measured.checkpoint_key, measured.checkpoint_sha256)
     cfg = ctx.config
+    schedule = cfg.rung_schedule()
+    epochs = cfg.inline_epochs if schedule is None else int(schedule.epochs[rung] - schedule.start(rung))
     result = None
-    if cfg.inline_epochs > 0:
-        ft = FinetuneConfig(epochs=cfg.inline_epochs, lr=ctx.inline_lr(), seed=cfg.seed + revision + 1000 * candidate,
+    if epochs > 0:
+        ft = FinetuneConfig(epochs=epochs, lr=ctx.inline_lr(),
+                            seed=cfg.seed + revision + 1000 * candidate + 100_000 * rung,
                             mac_reduction=1 - (measured.achieved_macs or 0) / ctx.baseline().base_macs,
-                            max_train_batches=cfg.max_train_batches, bn_recalibration=ctx.is_default_model,
+                            max_train_batches=cfg.max_train_batches, bn_recalibration=ctx.is_default_model and rung == 0,
                             progress_bar=False, device=str(ctx.device))
         result = finetune(model, ctx.data(), ft, progress=False)
     acc = evaluate(model, ctx.data().val, device=ctx.device, progress_bar=False).top1
     bundle["state_dict"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    bundle["metrics"].update(val_accuracy=acc, inline_epochs=cfg.inline_epochs,
-                             inline_lr=result.lr if result else None)
-    key = runs.revision_key(ctx.run_id, revision, candidate)
+    total = cfg.inline_epochs if schedule is None else schedule.epochs[rung]
+    bundle["metrics"].update(val_accuracy=acc, inline_epochs=total, inline_lr=result.lr if result else None,
+                             **({"rung": rung} if schedule is not None else {}))
+    suffix = _rung_suffix(ctx, rung)
+    key = (runs.revision_key(ctx.run_id, revision, candidate) if not suffix
+           else ctx.key(runs.slot_name(revision, candidate, suffix + ".pt")))
     sha = ctx.store.put_bytes(key, bundle_bytes(bundle))
     info = ctx.device_info()
     evaluated = Evaluated(accuracy_after=acc, checkpoint_key=key, checkpoint_sha256=sha,
                           timings={"finetune_eval_save": time.perf_counter() - t},
-                          notes=[f"fine-tuned on {worker_identity()}", device_note(info.device, info.name)])
-    ctx.store.put_json(_evaluated_key(ctx, revision, candidate),
+                          notes=[f"fine-tuned on {worker_identity()}", device_note(info.device, info.name)],
+                          rung=rung, epochs=float(total))
+    ctx.store.put_json(_evaluated_key(ctx, revision, candidate, rung),
                        {"source_sha256": measured.checkpoint_sha256, "evaluated": evaluated.model_dump(mode="json"),
                         "device": info.model_dump(mode="json")})
-    ctx.store.delete(measured.checkpoint_key)  # the pre-fine-tuning bundle is not needed any more
+    if rung == 0:  # the pre-fine-tuning bundle is not needed any more (earlier rungs' bundles stay: a resumed
+        ctx.store.delete(measured.checkpoint_key)  # revision reads their results back, checkpoint checked)
     return evaluated
 
 

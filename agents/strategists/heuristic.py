@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 
 from agents.history import RevisionRecord, plan_coords, plan_signature
 from agents.limits import SafetyLimits
-from agents.master import per_revision, rank_key
+from agents.master import move_effects, rank_key
 from agents.profiling import ProfileSummary
 from agents.safety import fallback_plan
 from agents.schemas import strategy_from_plan
@@ -74,7 +74,25 @@ class HeuristicStrategist(Strategist):
             limit = max(1, min_ch // 2)
             rt = base.round_to if base.round_to <= limit else max(c for c in (1, 2, 4, 8, 16, 32) if c <= limit)
             data.update(kind_multipliers=kinds, stage_multipliers=stages, round_to=rt)
+        data["stage_multipliers"] = self._sensitivity_shape(p, data["stage_multipliers"])
         return PruningPlan.model_validate(data)
+
+    SENS_MIN, SENS_MAX = 0.6, 1.5  # bounds of the factor sensitivity puts on a stage multiplier
+
+    def _sensitivity_shape(self, p: ProfileSummary, stages: dict[str, float]) -> dict[str, float]:
+        """Stage multipliers scaled by ``sensitivity ** -0.5`` (clipped): stages whose weights carry more Taylor
+        saliency per MAC are pruned less, cheap ones more (the first stage stays within its cap)."""
+        if not p.sensitivity_by_stage or len(p.stages) < 2:
+            return stages
+        out = dict(stages)
+        for s in p.stages:
+            sens = p.sensitivity_by_stage.get(s)
+            if not sens or sens <= 0:
+                continue
+            f = min(self.SENS_MAX, max(self.SENS_MIN, sens ** -0.5))
+            cap = self.limits.first_stage_max if s == p.first_stage else self.limits.max_stage_multiplier
+            out[s] = round(min(cap, stages.get(s, 1.0) * f), 4)
+        return out
 
     def _coordinate_moves(self, p: ProfileSummary) -> list[str]:
         """Ordered single-coordinate moves ('key+' prunes that part more, 'key-' less)."""
@@ -101,6 +119,9 @@ class HeuristicStrategist(Strategist):
                 moves += [f"stage:{last}-"]
             if first and len(p.stages) > 1:
                 moves += [f"stage:{first}+"]
+        if p.sensitivity_by_stage and len(p.stages) > 1:  # the evidence first: spare the most sensitive stage,
+            ranked = sorted(p.sensitivity_by_stage, key=lambda s: (-p.sensitivity_by_stage[s], s))  # load the least
+            moves = [f"stage:{ranked[0]}-", f"stage:{ranked[-1]}+"] + moves
         seen, out = set(), []
         for m in moves:
             if m not in seen:
@@ -163,21 +184,8 @@ class HeuristicStrategist(Strategist):
 
     # -- learning from history ----------------------------------------------------------------
     def _effects(self, history: Sequence[RevisionRecord]) -> dict[str, float]:
-        """move -> accuracy change vs. its parent (-inf for collapse / failure)."""
-        by_rev = {r.revision: r for r in per_revision(history)}  # a parent is its revision's best candidate
-        eff: dict[str, float] = {}
-        for r in history:
-            if not r.move or r.parent_revision is None or r.parent_revision not in by_rev:
-                continue
-            parent = by_rev[r.parent_revision]
-            if not r.is_candidate or (r.collapsed and not parent.collapsed):
-                d = float("-inf")
-            elif r.accuracy is None or parent.accuracy is None:
-                continue
-            else:
-                d = r.accuracy - parent.accuracy
-            eff[r.move] = min(eff.get(r.move, d), d)
-        return eff
+        """move -> accuracy change vs. its parent (-inf for collapse / failure); see :func:`move_effects`."""
+        return move_effects(history)
 
     # -- proposal ------------------------------------------------------------------------------
     def propose(self, context: StrategyContext) -> Proposal:
