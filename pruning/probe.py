@@ -18,14 +18,8 @@ import time
 import torch
 from torch import nn
 
-from pruning.graph import (
-    count_in_place,
-    extra_channel_params,
-    patched,
-    prune_extra_params,
-    shape_attributes,
-    sync_shape_attributes,
-)
+from pruning.cut import extra_channel_params, prune_extra_params, shape_attributes, sync_shape_attributes
+from pruning.graph import count_in_place, patched
 from pruning.groups import Allocation, Cut
 
 TRIAL_FRACTION = 0.25  # units cut per group in the trial

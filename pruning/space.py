@@ -25,23 +25,25 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from pruning.cut import (
+    ReplayGraph,
+    extra_channel_params,
+    prune_extra_params,
+    shape_attributes,
+    sync_shape_attributes,
+    unwrapped_parameters,
+)
 from pruning.errors import UserError
 from pruning.graph import (
-    ReplayGraph,
     analysing,
     copy_model,
     count_in_place,
     count_macs_params,  # noqa: F401 - part of this module's interface
-    extra_channel_params,
     fork_graph,
     group_modules,
     iter_groups,
     member_weight,
     patched,
-    prune_extra_params,
-    shape_attributes,
-    sync_shape_attributes,
-    unwrapped_parameters,
 )
 from pruning.groups import Allocation, Cut, FrozenGroup, GroupInfo, pruned_root_indices
 from pruning.importance import create_importance, has_gradients, needs_gradients
