@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch_pruning as tp
+from timm.layers import BlurPool2d
 from torch import nn
 
 from pruning.graph import patched
@@ -95,8 +96,6 @@ def _width_free_blur(m: nn.Module) -> bool:
     """timm's ``BlurPool2d`` (TResNet, ResNet-AA anti-aliasing) with ``channels`` set: its depthwise filter
     buffer (non-persistent, rebuilt at creation) is one binomial kernel repeated per channel, so it can
     follow any input width instead."""
-    from timm.layers import BlurPool2d
-
     filt = getattr(m, "filt", None)
     return (isinstance(m, BlurPool2d) and isinstance(m.channels, int) and isinstance(filt, torch.Tensor)
             and filt.shape[0] == m.channels)

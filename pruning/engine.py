@@ -186,8 +186,8 @@ def out_of_band_reason(result: PruneResult, frozen: int) -> str:
     line = (f"the pruned model has {fmt_macs(result.achieved_macs)} MACs, {result.error_pct:+.2f}% from the target "
             f"{fmt_macs(band.target_macs)} (band +{band.overshoot_pct:g}% / -{band.undershoot_pct:g}%): ")
     if result.granularity_pct > band.overshoot_pct + band.undershoot_pct:
-        return line + (f"one round_to={result.plan.round_to} step of the finest group moves the MACs by "
-                       f"{result.granularity_pct:.2f}% (use a smaller --round-to or a wider band)")
+        return line + (f"one alignment step (round_to={result.plan.round_to}, finer on narrow groups) of the finest "
+                       f"group moves the MACs by {result.granularity_pct:.2f}% (use a smaller --round-to or a wider band)")
     if result.mac_source == "measured":
         return line + f"{result.measured_probes} measured cuts found none in the band (widen the band)"
     if frozen:

@@ -67,7 +67,7 @@ class Solution(BaseModel):
     probes: int
     in_band: bool
     error_pct: float
-    granularity_pct: float = Field(description="smallest MAC change of one round_to step near the answer, % of target")
+    granularity_pct: float = Field(description="smallest MAC change of one alignment step (round_to, finer on narrow groups) near the answer, % of target")
     seconds: float
     source: Literal["analytic", "measured"] = Field(
         "analytic", description="analytic: exact prediction; measured: the MAC model missed, cut copies were counted")
