@@ -153,8 +153,23 @@ class SeaweedS3:
             **c,
         )
 
-    def create_bucket(self, name: str) -> None:
-        self.client().create_bucket(Bucket=name)
+    def create_bucket(self, name: str, timeout: float = 60.0) -> None:
+        """Create ``name`` and wait until it takes a write (SeaweedFS allocates volumes on the first write and
+        answers 500 until it has one; a busy machine can take seconds)."""
+        from botocore.exceptions import ClientError
+
+        client = self.client()
+        client.create_bucket(Bucket=name)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.put_object(Bucket=name, Key=".ready-probe", Body=b"")
+                client.delete_object(Bucket=name, Key=".ready-probe")
+                return
+            except ClientError as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"bucket {name} takes no write after {timeout:.0f} s ({exc!r})") from exc
+                time.sleep(0.5)
 
     # ---- lifecycle
     def _command(self) -> list[str]:
