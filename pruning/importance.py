@@ -61,11 +61,46 @@ def list_importances() -> list[str]:
     return sorted(_REGISTRY)
 
 
+class MemberTolerant(tp.importance.Importance):
+    """A criterion that scores a group without the members it cannot score.
+
+    Torch-Pruning's criteria index every member's weight by the group's channels; a few layers break
+    that (e.g. a conv with ``groups == in_channels`` but a channel multiplier, whose input importance has
+    one entry: FastViT's downsampling). Rather than freezing the whole group, the group is scored from
+    the members that can be scored; ``skipped`` names the others (the root must score, else it raises).
+    """
+
+    def __init__(self, inner: tp.importance.Importance):
+        self.inner = inner
+        self.skipped: list[str] = []
+
+    def __call__(self, group):
+        try:
+            return self.inner(group)
+        except (IndexError, RuntimeError):
+            pass
+        kept = tp.dependency.Group()
+        kept._DG = getattr(group, "_DG", None)
+        for i, item in enumerate(group):
+            single = tp.dependency.Group()
+            single._DG = kept._DG
+            single.items.append(item)  # the item itself: it carries the root indices the criteria reduce by
+            try:
+                self.inner(single)
+            except (IndexError, RuntimeError):
+                if i == 0:
+                    raise
+                self.skipped.append(str(item.dep.target))
+                continue
+            kept.items.append(item)
+        return self.inner(kept)
+
+
 def create_importance(name: str, seed: int = 0) -> tp.importance.Importance:
-    """Instantiate the criterion registered as ``name``."""
+    """Instantiate the criterion registered as ``name`` (members it cannot score are left out of the score)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown importance criterion '{name}'; choose from {list_importances()}")
-    return _REGISTRY[name](seed)
+    return MemberTolerant(_REGISTRY[name](seed))
 
 
 def needs_gradients(name: str) -> bool:

@@ -21,6 +21,7 @@ from torch import nn
 from pruning.cut import extra_channel_params, prune_extra_params, shape_attributes, sync_shape_attributes
 from pruning.graph import count_in_place, patched
 from pruning.groups import Allocation, Cut
+from pruning.ties import apply_ties
 
 TRIAL_FRACTION = 0.25  # units cut per group in the trial
 MAX_ROUNDS = 64
@@ -122,6 +123,7 @@ class _Trial:
 
     def run(self, allocation: Allocation) -> tuple[set[int] | None, str, float | None]:
         """``(None, '', macs)`` when the cut works, else ``(groups to blame or None, reason, None)``."""
+        self.where = None
         pruned, fork, reason = cut_copy(self.space, allocation)
         if pruned is None:
             return {fork}, reason, None  # fork is the index of the group that failed
@@ -134,6 +136,7 @@ class _Trial:
             if where is None:
                 return None, f"cutting it breaks the forward pass ({_line(exc)})", None
             reason = f"cutting it breaks the forward pass in {where[0]} ({where[1]}: {_line(exc)})"
+            self.where = where[0]
             return self._groups_in(where[0]), reason, None
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
         if self.out_shape is not None and shape != self.out_shape:
@@ -177,18 +180,95 @@ def trial_cut(space) -> tuple[Allocation, float] | None:
     measured MACs (to check the MAC model against), or None if no group is left to cut."""
     trial = _Trial(space)
     for _ in range(MAX_ROUNDS):
-        allocation = trial_allocation(space.groups)
+        allocation = apply_ties(space.groups, space.ties, trial_allocation(space.groups))
         if not allocation:
             return None
         blame, reason, macs = trial.run(allocation)
         if macs is not None:
+            find_ties(trial, allocation)
             return allocation, macs
+        if _try_tie(trial, allocation):
+            continue
         if not blame:
             one = trial.bisect(allocation)
             blame = {one} if one is not None else set(allocation)
         space.freeze(blame, reason)
     space.freeze({g.index for g in space.groups}, "too many groups break the model when cut")
     return None
+
+
+def _inner(g) -> bool:
+    """An attention group whose members all lie inside its attention module (its head dims)."""
+    return g.attention is not None and all(n.startswith(g.attention + ".") for n, _, _ in g.members)
+
+
+def _skewed(space, allocation: Allocation) -> Allocation:
+    """The trial allocation with every untied attention group's head dims cut by a different (even) number
+    than in the trial, so its width differs from the stream that feeds the attention."""
+    out = dict(allocation)
+    for g in space.groups:
+        if not _inner(g) or g.root in space.ties or g.index not in allocation:
+            continue
+        d = allocation[g.index].dims
+        d = d - 2 if d > 2 else d + 2
+        if 0 < d < g.channels:
+            out[g.index] = Cut(dims=d)
+    return out
+
+
+def _leader_of(space, follower, module: str) -> object | None:
+    """The group as wide as ``follower`` that feeds a layer inside ``module`` from outside it."""
+    prefix = module + "."
+    for g in space.groups:
+        if g is not follower and g.full == follower.full and any(
+                not is_out and n.startswith(prefix) for n, is_out, _ in g.members) and any(
+                not n.startswith(prefix) for n, _, _ in g.members):
+            return g
+    return None
+
+
+def _try_tie(trial: _Trial, allocation: Allocation) -> bool:
+    """The last run of ``trial`` failed inside an attention module: tie its group to the stream feeding
+    it (with every other attention group of the same class fed by the same stream) if cutting both to
+    the same width gets past that module, or freeze it alone if that stream is never cut (the same
+    layer of later stages may still be tied); otherwise leave everything as it was and return False."""
+    space, where = trial.space, trial.where
+    if where is None:
+        return False
+    follower = next((g for g in space.groups if _inner(g) and g.root not in space.ties
+                     and (where == g.attention or where.startswith(g.attention + "."))), None)
+    if follower is None:
+        return False
+    leader = _leader_of(space, follower, follower.attention)
+    if leader is None:  # the stream feeding it is not cut at all (the stem's): freeze this one, not its analogues
+        space.freeze({follower.index}, "its attention reads the width of a stream that is never cut", analogous=False)
+        return True
+    modules = dict(space.model.named_modules())
+    kind = type(modules[follower.attention])
+    new = {g.root: leader.root for g in space.groups if _inner(g) and g.root not in space.ties
+           and type(modules[g.attention]) is kind and _leader_of(space, g, g.attention) is leader}
+    space.ties.update(new)
+    _, _, macs = trial.run(apply_ties(space.groups, space.ties, allocation))
+    if macs is None and trial.where == where:  # tying did not help: not a width tie
+        for root in new:
+            del space.ties[root]
+        return False
+    return True
+
+
+def find_ties(trial: _Trial, allocation: Allocation) -> None:
+    """After a trial cut that works: find attention groups that must keep the width of the residual
+    stream feeding them (:mod:`pruning.ties`); the trial cut every group by the same fraction, so such a
+    pair may have matched by chance. Cuts the attention groups to another width; where that breaks one,
+    :func:`_try_tie`. Failures it cannot explain are left to the measured cuts of the solve."""
+    space = trial.space
+    for _ in range(MAX_ROUNDS):
+        skewed = _skewed(space, allocation)
+        if skewed == allocation:
+            return
+        _, _, macs = trial.run(apply_ties(space.groups, space.ties, skewed))
+        if macs is not None or not _try_tie(trial, skewed):
+            return
 
 
 def blame_cut(space, allocation: Allocation) -> tuple[set[int] | None, str]:

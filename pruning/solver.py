@@ -18,6 +18,7 @@ from pruning.groups import Allocation, Cut
 from pruning.mac_model import MacPredictionError
 from pruning.plan import PruningPlan
 from pruning.space import GroupsFrozen, PruningError, PruningSpace
+from pruning.ties import apply_ties, leaders, tie_step
 from pruning.units import fmt_macs
 
 
@@ -288,6 +289,12 @@ def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Alloca
     macs_of = macs_of or (lambda a: space.predict_macs(a, strict=True))
     cur_macs = macs_of(current)
     step_min = float("inf")
+    lead = leaders(space.groups, space.ties)
+    tied = {f.index for fs in lead.values() for f in fs}  # followers move with their leader only
+
+    def tie(a: Allocation) -> Allocation:
+        return apply_ties(space.groups, space.ties, a, lambda g: plan.align(g.channels), plan.min_head_dim)
+
     for _ in range(max_moves):
         err = cur_macs - band.target_macs
         if abs(err) / band.target_macs * 100 <= tol_pct:
@@ -296,11 +303,13 @@ def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Alloca
         for g in space.groups:
             if g.is_attention and plan.multiplier(g.stage, "qkv") == 0:
                 continue
-            if plan.multiplier(g.stage, g.kind) == 0:
+            if plan.multiplier(g.stage, g.kind) == 0 or g.index in tied:
                 continue
             cut = current.get(g.index, Cut())
             keep = g.channels - cut.dims
             step = plan.align(g.channels)
+            if g.index in lead:
+                step = tie_step(g, lead[g.index], step) // g.ch_groups
             min_keep = max(1, plan.min_head_dim if g.is_attention else step)
             max_cut = g.channels * plan.max_layer_ratio
             # over target -> remove steps; under target -> give steps back. One step first; when one step
@@ -313,6 +322,7 @@ def _refine(space: PruningSpace, plan: PruningPlan, band: MacBand, alloc: Alloca
             while steps > 0:
                 trial = dict(current)
                 trial[g.index] = Cut(dims=g.channels - (keep + sign * steps * step), heads=cut.heads)
+                trial = tie(trial)
                 m = macs_of(trial)
                 probes += 1
                 if m <= band.upper and abs(m - band.target_macs) < abs(cur_macs - band.target_macs) and (

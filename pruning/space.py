@@ -51,6 +51,7 @@ from pruning.mac_model import MacModel, attention_modules
 from pruning.models import classifier, model_family
 from pruning.plan import PruningPlan
 from pruning.probe import blame_cut, failing_module, trial_cut
+from pruning.ties import Ties, apply_ties, closure
 
 
 class PruningError(UserError):
@@ -151,6 +152,7 @@ class PruningSpace:
         self.frozen: list[FrozenGroup] = []
         self.inexact: list[str] = []  # groups whose TP closure cuts more than their root says (measured)
         self.probe_device: str = "cpu"  # the trial cut switches to "meta" where that is faster
+        self.ties: Ties = {}  # attention groups that keep the width of the stream feeding them (the trial finds them)
         with analysing():
             self.pruner = trace_model(model, example, create_importance(plan.importance, seed), ignored)
             self.DG = self.pruner.DG
@@ -343,10 +345,13 @@ class PruningSpace:
             return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "#", g.root), g.scope
 
         blamed = {shape(g): g.root for g in self.groups if g.index in indices}
+        gone = {g.index for g in self.groups if g.index in indices or (analogous and shape(g) in blamed)}
+        tied = closure(self.groups, self.ties, gone) - gone  # a tied set is cut together or not at all
         keep = []
         for g in self.groups:
-            if g.index in indices or (analogous and shape(g) in blamed):
-                why = reason if g.index in indices else f"same structure as {blamed[shape(g)]}: {reason}"
+            if g.index in gone or g.index in tied:
+                why = (reason if g.index in indices else f"tied to a frozen group: {reason}" if g.index in tied
+                       else f"same structure as {blamed[shape(g)]}: {reason}")
                 self.frozen.append(FrozenGroup(root=g.root, reason=why, modules=sorted(
                     {n for n, _, _ in g.members} | {p.rsplit(".", 1)[0] for p in g.params})))
             else:
@@ -418,7 +423,7 @@ class PruningSpace:
             cut = Cut(dims=g.channels - keep, heads=heads)
             if cut.dims or cut.heads:
                 alloc[g.index] = cut
-        return alloc
+        return apply_ties(self.groups, self.ties, alloc, lambda g: plan.align(g.channels), plan.min_head_dim)
 
     def predict_macs(self, allocation: Allocation, strict: bool = False) -> float:
         """Exact MACs of the model after ``allocation`` without touching weights (see :meth:`MacModel.macs`)."""

@@ -168,3 +168,27 @@ def test_anti_aliased_downsampling_is_pruned_and_rebuilds(tmp_path):
     again, _ = load_pruned(bundle_bytes(bundle))
     with torch.no_grad():
         assert torch.equal(again.eval()(ex), pruned.eval()(ex))
+
+
+def test_attention_that_reads_its_width_from_the_input_is_tied_to_the_stream():
+    """MetaFormer's Attention reshapes its output to the input's width (``reshape(B, N, C)``), like DaViT,
+    Twins, PVT-v2 and CoaT: the attention's head dims and the residual stream feeding it are separate
+    Torch-Pruning groups whose widths must match. They used to freeze (CAFormer floored at 33 % of its
+    MACs); the trial cut now ties them, and the pair is cut to one width."""
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    torch.manual_seed(0)  # caformer_s18's layout, smaller
+    model = MetaFormer(depths=(1, 1, 2, 1), dims=(16, 32, 64, 96), token_mixers=[SepConv, SepConv, Attention, Attention],
+                       norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=10).eval()
+    ex = example_input(64)
+    space = PruningSpace.build(model, ex, PruningPlan())
+    followers = {g.root for g in space.groups if g.root in space.ties}
+    assert followers and all(g.attention for g in space.groups if g.root in followers)
+    assert not [f for f in space.frozen if "token_mixer" in f.line()]
+    pruned, res, _ = prune_to_target(model, ex, PruningPlan(), _band(model, ex, 0.3))
+    assert res.in_band
+    attns = [m for m in pruned.modules() if type(m).__name__ == "Attention"]
+    assert attns and all(a.qkv.out_features == 3 * a.qkv.in_features for a in attns)
+    assert any(a.qkv.in_features < 64 for a in attns)  # the tied stages were cut
+    with torch.no_grad():
+        assert pruned(ex).shape == (1, 10)
