@@ -73,3 +73,27 @@ def test_prompt_shows_sensitivity_and_which_moves_cost_accuracy():
     block = text.split("WHICH MOVES COST ACCURACY")[1]
     assert block.index("kind:residual+ (prune residual MORE): -5.00 points") < block.index("stage:layer1-")
     assert MasterAgent  # the Master's view is the same history
+
+
+def test_vit_revision_zero_reaches_a_tight_budget():
+    """The ViT shape keeps the embedding width (proj) at ordinary budgets; at 80 % reduction mlp and qkv
+    alone cannot get there, so revision 0 also cuts proj and a one-revision run lands in band."""
+    import timm
+
+    from pruning.engine import prune_to_target
+    from pruning.space import count_macs_params, example_input
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64, depth=4,
+                              num_heads=2, num_classes=10).eval()
+    ex = example_input(32)
+    base = count_macs_params(model, ex)[0]
+    vit = ProfileSummary(family="vit", base_macs=base, stages=["blocks"], kinds=["mlp", "qkv", "proj"], group_count=9,
+                         min_channels_by_kind={"mlp": 256, "qkv": 32, "proj": 64}, mac_share_by_stage={"blocks": 0.9})
+    for fraction, cuts_proj in ((0.5, False), (0.2, True)):
+        band = MacBand(target_macs=base * fraction, overshoot_pct=1, undershoot_pct=5)
+        plan = HeuristicStrategist().initial_plan(StrategyContext(revision=0, profile=vit, band=band, history=[],
+                                                                   base_plan=PruningPlan()))
+        assert (plan.kind_multipliers["proj"] > 0) is cuts_proj
+        _, res, _ = prune_to_target(model, ex, plan, band, strict=False)
+        assert res.in_band, (fraction, res.error_pct)

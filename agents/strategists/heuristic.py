@@ -57,14 +57,17 @@ class HeuristicStrategist(Strategist):
         crit = "l2" if base.importance == "taylor" and not p.taylor_available else base.importance
         data.update(importance=crit, allocation="global",
                     max_layer_ratio=min(base.max_layer_ratio, self.limits.max_layer_ratio))
+        reduction = 1.0 - ctx.band.target_macs / p.base_macs
         if p.family == "vit":
-            data.update(kind_multipliers={"mlp": 1.0, "qkv": 0.5, "proj": 0.0, "head": 0.0}, stage_multipliers={},
+            # The embedding width (proj) is kept, unless the budget is so tight that mlp and qkv alone cannot
+            # reach it (a ViT at 80 % reduction keeps ~25 % of its MACs with proj whole): then it is cut at half rate.
+            proj = 0.5 if reduction >= 0.75 else 0.0
+            data.update(kind_multipliers={"mlp": 1.0, "qkv": 0.5, "proj": proj, "head": 0.0}, stage_multipliers={},
                         round_to=base.round_to if base.round_to in self.limits.vit_round_to else 8,
                         min_head_dim=max(base.min_head_dim, self.limits.min_head_dim))
         else:
             # Protect residual streams and the first stage, unless the budget is so tight that a protective
             # shape cannot reach it (e.g. ConvNeXt-B at 1.12 G = 93 % reduction): then prune uniformly.
-            reduction = 1.0 - ctx.band.target_macs / p.base_macs
             protect = 0.5 if reduction < 0.8 else 1.0
             kinds = {"internal": 1.0}
             if "residual" in p.kinds:
