@@ -14,6 +14,7 @@ the prediction against a measured cut (:attr:`MacModel.exact`) and the solver me
 """
 from __future__ import annotations
 
+import math
 import types
 from dataclasses import dataclass
 from typing import Callable
@@ -78,6 +79,11 @@ class _GroupVars:
                         self.head_group[name_of[self.attn_of_qkv[module_of[member]]]] = g.index
 
 
+_PERMUTES = (torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.swapaxes,
+             torch.Tensor.swapaxes)
+_RESHAPES = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten, torch.Tensor.flatten)
+
+
 class _FollowChannels(TorchFunctionMode):
     """Tensors made by torch ops keep the channels of a same-shaped operand (x + shortcut, x * gamma);
     ``torch.cat`` along a tracked channel dimension sums its inputs' terms."""
@@ -98,12 +104,39 @@ class _FollowChannels(TorchFunctionMode):
                 storage[_key(out)] = produced
                 self.tracer.keep_alive.append(out)
             return out
+        if func in _PERMUTES + _RESHAPES and args and isinstance(args[0], torch.Tensor) and storage.get(_key(args[0])):
+            moved = self._moved(func, args, storage[_key(args[0])], out)
+            if moved is not None:
+                storage[_key(out)] = moved
+                self.tracer.keep_alive.append(out)
+                return out
         for a in args:
             if isinstance(a, torch.Tensor) and a.shape == out.shape and storage.get(_key(a)) is not None:
                 storage[_key(out)] = storage[_key(a)]
                 self.tracer.keep_alive.append(out)
                 break
         return out
+
+    @staticmethod
+    def _moved(func, args, src, out: torch.Tensor):
+        """The channel dimension after a permute / transpose / reshape that keeps it whole (channels-last
+        blocks and token layouts: MetaFormer, ConvNeXt, ``x.reshape(B, C, -1).transpose(1, 2)``)."""
+        x, (d, var) = args[0], src
+        d %= x.dim()
+        if func in _RESHAPES:  # the channel dim survives if the dims before it keep their product
+            before = math.prod(x.shape[:d])
+            for k in range(out.dim()):
+                if math.prod(out.shape[:k]) == before and out.shape[k] == x.shape[d]:
+                    return (k, var)
+            return None
+        if func in (torch.permute, torch.Tensor.permute):
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            dims = [int(i) % x.dim() for i in dims]
+            return (dims.index(d), var) if len(dims) == x.dim() else None
+        if len(args) < 3:
+            return None
+        a, b = int(args[1]) % x.dim(), int(args[2]) % x.dim()
+        return ({a: b, b: a}.get(d, d), var)
 
     def _cat(self, tensors, dim: int, out: torch.Tensor):
         dim = dim % out.dim()
