@@ -15,6 +15,7 @@ import torch_pruning as tp
 from timm.layers import BlurPool2d
 from torch import nn
 
+from pruning.errors import PruningError
 from pruning.graph import patched
 
 
@@ -142,3 +143,33 @@ class ReplayGraph(tp.DependencyGraph):
                 group.prune(record_history=False)
                 prune_extra_params(extra)
         sync_shape_attributes(shapes)
+
+
+def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | None = None) -> None:
+    """After pruning, make timm attention bookkeeping (num_heads, head_dim, attn_dim, scale) match the qkv width."""
+    alias_heads(model)
+    for name, m in model.named_modules():
+        if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
+            if num_heads and name in num_heads:
+                m.num_heads = num_heads[name]
+            attn_dim = m.qkv.out_features // 3
+            if attn_dim % m.num_heads:
+                raise PruningError(f"attention width {attn_dim} is not divisible by {m.num_heads} heads")
+            m.head_dim = attn_dim // m.num_heads
+            for name in ("attn_dim", "attention_dim", "all_head_dim"):  # timm spells the width several ways
+                if isinstance(getattr(m, name, None), int):
+                    setattr(m, name, attn_dim)
+            if isinstance(getattr(m, "heads", None), int):  # Hiera: heads, and dim_out is the inner width
+                m.heads = m.num_heads
+                if isinstance(getattr(m, "dim_out", None), int) and isinstance(getattr(m, "proj", None), nn.Linear):
+                    m.dim_out = m.proj.in_features
+            if hasattr(m, "scale"):
+                m.scale = m.head_dim**-0.5
+
+
+def alias_heads(model: nn.Module) -> None:
+    """Attention modules that call their head count ``heads`` (Hiera) also get ``num_heads``, the name
+    Torch-Pruning's head handling and :func:`update_attention_attributes` read."""
+    for m in model.modules():
+        if hasattr(m, "qkv") and not hasattr(m, "num_heads") and isinstance(getattr(m, "heads", None), int):
+            m.num_heads = m.heads

@@ -15,6 +15,10 @@ class UserError(ValueError):
     """Something the user asked for cannot be done as asked (one-line message)."""
 
 
+class PruningError(UserError):
+    """The model or plan cannot be pruned as asked (one-line message)."""
+
+
 def first_line(exc: BaseException, limit: int | None = 300) -> str:
     """The first line of ``exc``'s message (its type name when empty), cut at ``limit`` characters."""
     line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

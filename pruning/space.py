@@ -25,15 +25,17 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from pruning.cut import (
+from pruning.cut import (  # noqa: F401 - update_attention_attributes is part of this module's interface
     ReplayGraph,
+    alias_heads,
     extra_channel_params,
     prune_extra_params,
     shape_attributes,
     sync_shape_attributes,
     unwrapped_parameters,
+    update_attention_attributes,
 )
-from pruning.errors import UserError
+from pruning.errors import PruningError
 from pruning.graph import (
     analysing,
     copy_model,
@@ -52,10 +54,6 @@ from pruning.models import classifier, model_family
 from pruning.plan import PruningPlan
 from pruning.probe import blame_cut, failing_module, trial_cut
 from pruning.ties import Ties, apply_ties, closure
-
-
-class PruningError(UserError):
-    """The model or plan cannot be pruned as asked (one-line message)."""
 
 
 class GroupsFrozen(Exception):
@@ -83,23 +81,6 @@ def _stage_of(name: str, stages: list[str]) -> str:
     if len(parts) > 1 and parts[1].isdigit():
         return ".".join(parts[:2])
     return parts[0]
-
-
-def update_attention_attributes(model: nn.Module, num_heads: dict[str, int] | None = None) -> None:
-    """After pruning, make timm attention bookkeeping (num_heads, head_dim, attn_dim, scale) match the qkv width."""
-    for name, m in model.named_modules():
-        if hasattr(m, "qkv") and hasattr(m, "num_heads") and hasattr(m, "head_dim"):
-            if num_heads and name in num_heads:
-                m.num_heads = num_heads[name]
-            attn_dim = m.qkv.out_features // 3
-            if attn_dim % m.num_heads:
-                raise PruningError(f"attention width {attn_dim} is not divisible by {m.num_heads} heads")
-            m.head_dim = attn_dim // m.num_heads
-            for name in ("attn_dim", "attention_dim", "all_head_dim"):  # timm spells the width several ways
-                if isinstance(getattr(m, name, None), int):
-                    setattr(m, name, attn_dim)
-            if hasattr(m, "scale"):
-                m.scale = m.head_dim**-0.5
 
 
 def stem_and_head(model: nn.Module) -> list[nn.Module]:
@@ -563,6 +544,7 @@ def example_input(input_size: int, batch: int = 1, channels: int = 3) -> torch.T
 # --------------------------------------------------------------------------------------------
 def trace_model(model: nn.Module, example: torch.Tensor, importance, ignored: list[nn.Module]) -> tp.pruner.MetaPruner:
     """Torch-Pruning's MetaPruner on ``model`` (dependency graph, heads, channel groups); one-line error if it fails."""
+    alias_heads(model)
     num_heads = {qkv: attn.num_heads for qkv, attn in attention_modules(model).items()}
     try:
         with warnings.catch_warnings():
