@@ -376,15 +376,18 @@ class PruningSpace:
                 if n_total <= 0:
                     continue
                 scores, owner = [], []
-                for g in members:
-                    m = plan.multiplier(g.stage, g.kind)
-                    scores.append(g.importance / m)
-                    owner.append(torch.full((g.channels,), g.index, dtype=torch.long))
+                for g in members:  # a group's channels beyond its cap are not candidates: what a capped group
+                    m = plan.multiplier(g.stage, g.kind)  # cannot take goes to the next-lowest scores elsewhere
+                    rank = torch.empty(g.channels, dtype=torch.long)
+                    rank[torch.argsort(g.importance, stable=True)] = torch.arange(g.channels)
+                    eligible = rank < int(g.channels * cap)
+                    scores.append((g.importance / m)[eligible])
+                    owner.append(torch.full((int(eligible.sum()),), g.index, dtype=torch.long))
                 scores_t, owner_t = torch.cat(scores), torch.cat(owner)
                 order = torch.argsort(scores_t, stable=True)[:n_total]
                 counts = torch.bincount(owner_t[order], minlength=len(self.groups))
                 for g in members:
-                    dims[g.index] = min(int(counts[g.index]), int(g.channels * cap))
+                    dims[g.index] = int(counts[g.index])
         alloc: Allocation = {}
         for g in self.groups:
             d = dims.get(g.index, 0)

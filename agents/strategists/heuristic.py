@@ -59,10 +59,10 @@ class HeuristicStrategist(Strategist):
                     max_layer_ratio=min(base.max_layer_ratio, self.limits.max_layer_ratio))
         reduction = 1.0 - ctx.band.target_macs / p.base_macs
         if p.family == "vit":
-            # The embedding width (proj) is kept, unless the budget is so tight that mlp and qkv alone cannot
-            # reach it (a ViT at 80 % reduction keeps ~25 % of its MACs with proj whole): then it is cut at half rate.
-            proj = 0.5 if reduction >= 0.75 else 0.0
-            data.update(kind_multipliers={"mlp": 1.0, "qkv": 0.5, "proj": proj, "head": 0.0}, stage_multipliers={},
+            # qkv at half the mlp rate (attention is the more sensitive), unless the budget is so tight that this
+            # shape cannot reach it (a small ViT at 80 % reduction): then qkv as hard as the limits allow.
+            qkv = min(1.0, self.limits.qkv_over_mlp_max) if reduction >= 0.75 else 0.5
+            data.update(kind_multipliers={"mlp": 1.0, "qkv": qkv, "proj": 0.0, "head": 0.0}, stage_multipliers={},
                         round_to=base.round_to if base.round_to in self.limits.vit_round_to else 8,
                         min_head_dim=max(base.min_head_dim, self.limits.min_head_dim))
         else:
