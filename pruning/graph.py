@@ -103,9 +103,21 @@ def _once_per_node(name: str):
         if node.module.__dict__.get(flag):
             return
         _ORIGINAL[name](graph, node)
+        _drop_degenerate_repeats(node)
         node.module.__dict__[flag] = True
 
     return update
+
+
+def _drop_degenerate_repeats(node) -> None:
+    """TP reads every 5-D ``expand`` as a grouped-query-attention repeat; on other expands (Hiera's mask
+    units) it computes a repeat or head size of 0 and every group through it fails with ZeroDivisionError.
+    Such a mapping is not a repeat of channels: it is removed (indices pass through unchanged)."""
+    deps = list(node.dependencies) + [d for n in node.inputs for d in n.dependencies if d.target == node]
+    for dep in deps:
+        for i, m in enumerate(dep.index_mapping):
+            if isinstance(m, index_mapping._GQAIndexMapping) and (m.repeat < 1 or m.head_dim < 1):
+                dep.index_mapping[i] = None
 
 
 #: indices flatten mappings may produce while one group is computed (TP recomputes the mappings at the
