@@ -118,10 +118,10 @@ def sync_shape_attributes(recorded: list[tuple]) -> None:
             setattr(m, attr, tuple(new if v == old else v for v in value))
 
 
-def cut_group(group, DG: tp.DependencyGraph) -> None:
+def cut_group(group, DG: tp.DependencyGraph, record_history: bool = True) -> None:
     """``group.prune()`` plus the extra per-channel parameters TP leaves alone."""
     extra = extra_channel_params(group, DG)
-    group.prune()
+    group.prune(record_history=record_history)
     prune_extra_params(extra)
 
 
@@ -138,10 +138,7 @@ class ReplayGraph(tp.DependencyGraph):
                 module = modules[module_name]
                 pruner = self.get_pruner_of_module(module)
                 fn = pruner.prune_out_channels if is_out else pruner.prune_in_channels
-                group = self.get_pruning_group(module, fn, idxs)
-                extra = extra_channel_params(group, self)
-                group.prune(record_history=False)
-                prune_extra_params(extra)
+                cut_group(self.get_pruning_group(module, fn, idxs), self, record_history=False)
         sync_shape_attributes(shapes)
 
 

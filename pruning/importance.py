@@ -67,12 +67,11 @@ class MemberTolerant(tp.importance.Importance):
     Torch-Pruning's criteria index every member's weight by the group's channels; a few layers break
     that (e.g. a conv with ``groups == in_channels`` but a channel multiplier, whose input importance has
     one entry: FastViT's downsampling). Rather than freezing the whole group, the group is scored from
-    the members that can be scored; ``skipped`` names the others (the root must score, else it raises).
+    the members that can be scored (the root must score, else it raises).
     """
 
     def __init__(self, inner: tp.importance.Importance):
         self.inner = inner
-        self.skipped: list[str] = []
 
     def __call__(self, group):
         try:
@@ -90,7 +89,6 @@ class MemberTolerant(tp.importance.Importance):
             except (IndexError, RuntimeError):
                 if i == 0:
                     raise
-                self.skipped.append(str(item.dep.target))
                 continue
             kept.items.append(item)
         return self.inner(kept)

@@ -82,6 +82,7 @@ class _GroupVars:
 _PERMUTES = (torch.permute, torch.Tensor.permute, torch.transpose, torch.Tensor.transpose, torch.swapaxes,
              torch.Tensor.swapaxes)
 _RESHAPES = (torch.reshape, torch.Tensor.reshape, torch.Tensor.view, torch.flatten, torch.Tensor.flatten)
+_MOVES = _PERMUTES + _RESHAPES
 
 
 class _FollowChannels(TorchFunctionMode):
@@ -104,7 +105,7 @@ class _FollowChannels(TorchFunctionMode):
                 storage[_key(out)] = produced
                 self.tracer.keep_alive.append(out)
             return out
-        if func in _PERMUTES + _RESHAPES and args and isinstance(args[0], torch.Tensor) and storage.get(_key(args[0])):
+        if func in _MOVES and args and isinstance(args[0], torch.Tensor) and storage.get(_key(args[0])):
             moved = self._moved(func, args, storage[_key(args[0])], out)
             if moved is not None:
                 storage[_key(out)] = moved

@@ -18,7 +18,7 @@ import time
 import torch
 from torch import nn
 
-from pruning.cut import extra_channel_params, prune_extra_params, shape_attributes, sync_shape_attributes
+from pruning.cut import cut_group, shape_attributes, sync_shape_attributes
 from pruning.graph import count_in_place, patched
 from pruning.groups import Allocation, Cut
 from pruning.ties import apply_ties
@@ -81,9 +81,7 @@ def cut_copy(space, allocation: Allocation):
                 group = fork.DG.get_pruning_group(module, fn, idxs)
                 if not fork.DG.check_pruning_group(group):
                     return None, index, "Torch-Pruning refuses to cut it (a member would lose all its channels)"
-                extra = extra_channel_params(group, fork.DG)
-                group.prune()
-                prune_extra_params(extra)
+                cut_group(group, fork.DG)
             except Exception as exc:  # noqa: BLE001
                 return None, index, f"Torch-Pruning cannot cut it ({_line(exc)})"
     sync_shape_attributes(shapes)

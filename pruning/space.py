@@ -28,8 +28,7 @@ from torch import nn
 from pruning.cut import (  # noqa: F401 - update_attention_attributes is part of this module's interface
     ReplayGraph,
     alias_heads,
-    extra_channel_params,
-    prune_extra_params,
+    cut_group,
     shape_attributes,
     sync_shape_attributes,
     unwrapped_parameters,
@@ -462,9 +461,7 @@ class PruningSpace:
             for group in self.interactive(allocation):
                 if veto is not None and veto(group):
                     continue
-                extra = extra_channel_params(group, self.DG)
-                group.prune()
-                prune_extra_params(extra)
+                cut_group(group, self.DG)
         sync_shape_attributes(shapes)
         return self._finish(self.model, allocation)
 

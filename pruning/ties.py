@@ -29,11 +29,6 @@ def leaders(groups: Iterable[GroupInfo], ties: Ties) -> dict[int, list[GroupInfo
     return out
 
 
-def followers(groups: Iterable[GroupInfo], ties: Ties) -> set[int]:
-    """Indices of the groups whose cut is set by their leader."""
-    return {f.index for fs in leaders(groups, ties).values() for f in fs}
-
-
 def tie_step(leader: GroupInfo, fols: list[GroupInfo], align: int = 1) -> int:
     """Kept widths of a tied set are multiples of this: the leader's alignment and every follower's heads."""
     return math.lcm(align, leader.ch_groups, *(f.ch_groups for f in fols))
